@@ -1,0 +1,44 @@
+"""``clear-adapters`` command line: list, info, demo, generate, bench, matrix, push, ...
+
+Each group of subcommands lives in ``clear_adapters.commands.<group>`` and registers itself through
+``register(subparsers)``, so features stay in their own modules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from .errors import ClearAdapterError
+
+COMMAND_MODULES = ("core", "bench", "hub", "matrix")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="clear-adapters", description="CLEAR linear attention for FLUX models")
+    parser.add_argument("--version", action="version", version=f"clear-adapters {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO level)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"clear_adapters.commands.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except ClearAdapterError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Subcommand groups of the ``clear-adapters`` CLI; each module has ``register(subparsers)``."""

@@ -1,0 +1,1 @@
+"""Jinja templates of the model cards written by ``clear_adapters.push`` (package data)."""
