@@ -108,7 +108,7 @@ def resolve(source: str | Path, *, window_size: float | None = None, down_factor
     else:
         lookup(source_str)  # raises AdapterNotFoundError with the closest names
         raise AssertionError("unreachable")
-    if download and spec.weights_path is None:
+    if download and spec.weights_path is None and spec.repo_id is not None:
         from .hub import download as hub_download
 
         spec.weights_path = hub_download(spec.repo_id, spec.filename, revision=spec.revision, token=token,
@@ -236,7 +236,7 @@ def _head_shape(model) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------- load/unload
 def load(source: str | Path, pipe, *, window_size: float | None = None, down_factor: int | None = None,
          revision: str | None = None, token=None, backend: str = "auto", proportional_attention: bool = False,
-         controlnet: bool = True) -> ClearHandle:
+         controlnet: bool = True, weight_mode: str = "replace", base=None) -> ClearHandle:
     """Install a CLEAR adapter into a FLUX pipeline (or a FLUX transformer); returns a :class:`ClearHandle`.
 
     Args:
@@ -249,6 +249,11 @@ def load(source: str | Path, pipe, *, window_size: float | None = None, down_fac
         proportional_attention: the authors' high-resolution logit scale.
         controlnet: also convert ControlNets (their projections get the adapter's change w.r.t. the
             transformer, i.e. ``W_controlnet + (W_clear - W_transformer)``); ``False`` leaves them dense.
+        weight_mode: ``"replace"`` writes the adapter's projections (what the paper did); ``"delta"``
+            writes ``W_model + (W_clear - W_base)``, for fine-tuned variants of the adapter's base model.
+        base: for ``"delta"``: the base model's attention tensors — a state dict, a local diffusers
+            model directory, or a Hub model id (default: the adapter's ``base_model``); only the
+            tensors the adapter touches are read.
 
     Everything is validated before the pipeline is touched; on error it is left unchanged.
     """
@@ -262,9 +267,23 @@ def load(source: str | Path, pipe, *, window_size: float | None = None, down_fac
     if file_down != spec.config.down_factor:
         raise IncompatibleModelError(f"{spec.weights_path.name} holds pooling weights for down_factor={file_down} "
                                      f"but the adapter is configured with down_factor={spec.config.down_factor}")
+    if weight_mode not in ("replace", "delta"):
+        raise ValueError(f"weight_mode must be 'replace' or 'delta', got {weight_mode!r}")
     transformer = targets[0][1]
-    plans = [("transformer", transformer, weights.plan(transformer, state_dict, spec.config.down_factor))]
-    base = {name: p.detach().float().cpu() for name, p, _ in plans[0][2].writes}
+    base_tensors = None
+    if weight_mode == "delta":
+        from .base_weights import load_base_tensors
+
+        source_of_base = base if base is not None else spec.base_model
+        if source_of_base is None:
+            raise ClearAdapterError("weight_mode='delta' needs the base model's weights: pass base=")
+        needed = [k for k in weights.normalize_keys(state_dict) if not k.endswith(weights.SPATIAL_WEIGHT)]
+        base_tensors = load_base_tensors(source_of_base, needed, token=token)
+    plans = [("transformer", transformer, weights.plan(transformer, state_dict, spec.config.down_factor,
+                                                       base=base_tensors))]
+    # ControlNets were initialised from the base transformer: they get the adapter's change relative to it
+    base = base_tensors if base_tensors is not None else \
+        {name: p.detach().float().cpu() for name, p, _ in plans[0][2].writes}
     for name, model in targets[1:]:
         layers = [n for n, _ in weights.attention_layers(model)]
         plans.append((name, model, weights.plan(model, state_dict, spec.config.down_factor, model_name=name,
