@@ -57,6 +57,11 @@ base_model: black-forest-labs/FLUX.1-dev
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload raw bytes:DeprecationWarning")
 
 
+def _read(path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def _weights() -> bytes:
     return save_safetensors({"lora_A": np.arange(64, dtype=np.float32).reshape(8, 8)})
 
@@ -79,7 +84,8 @@ def _get(url: str, headers: dict | None = None):
         with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {})) as resp:
             return resp.status, dict(resp.headers), resp.read()
     except urllib.error.HTTPError as err:
-        return err.code, dict(err.headers), err.read()
+        with err:
+            return err.code, dict(err.headers), err.read()
 
 
 # ------------------------------------------------------------------------------------- repos
@@ -103,7 +109,7 @@ def test_dataset_repo_roundtrip(hub_server, api):
     assert url.repo_type == "dataset"
     api.upload_file(path_or_fileobj=b"a,b\n1,2\n", path_in_repo="data/train.csv", repo_id=rid, repo_type="dataset")
     path = hf_hub_download(rid, "data/train.csv", repo_type="dataset")
-    assert open(path, "rb").read() == b"a,b\n1,2\n"
+    assert _read(path) == b"a,b\n1,2\n"
     with pytest.raises(RepositoryNotFoundError):
         api.model_info(rid)  # same id, wrong type
 
@@ -142,14 +148,14 @@ def test_hf_hub_download_regular_and_lfs(api, repo_id):
     weights = _weights()
     api.upload_file(path_or_fileobj=b"hello", path_in_repo="sub/hello.txt", repo_id=repo_id)
     api.upload_file(path_or_fileobj=weights, path_in_repo="lora.safetensors", repo_id=repo_id)
-    assert open(hf_hub_download(repo_id, "sub/hello.txt"), "rb").read() == b"hello"
-    assert open(hf_hub_download(repo_id, "lora.safetensors"), "rb").read() == weights
+    assert _read(hf_hub_download(repo_id, "sub/hello.txt")) == b"hello"
+    assert _read(hf_hub_download(repo_id, "lora.safetensors")) == weights
     api.upload_file(path_or_fileobj=b"odd", path_in_repo="with space/\u00fcml#aut?.txt", repo_id=repo_id)
-    assert open(hf_hub_download(repo_id, "with space/\u00fcml#aut?.txt"), "rb").read() == b"odd"
+    assert _read(hf_hub_download(repo_id, "with space/\u00fcml#aut?.txt")) == b"odd"
 
     folder = snapshot_download(repo_id)
-    assert open(f"{folder}/sub/hello.txt", "rb").read() == b"hello"
-    assert open(f"{folder}/lora.safetensors", "rb").read() == weights
+    assert _read(f"{folder}/sub/hello.txt") == b"hello"
+    assert _read(f"{folder}/lora.safetensors") == weights
 
 
 def test_resolve_headers(hub_server, api, repo_id):
@@ -168,8 +174,8 @@ def test_revision_pinning(hub_server, api, repo_id):
     old = api.upload_file(path_or_fileobj=b"v1", path_in_repo="file.txt", repo_id=repo_id).oid
     new = api.upload_file(path_or_fileobj=b"v2", path_in_repo="file.txt", repo_id=repo_id).oid
     assert hub_server.commits(repo_id)[:2] == [new, old]
-    assert open(hf_hub_download(repo_id, "file.txt", revision=old), "rb").read() == b"v1"
-    assert open(hf_hub_download(repo_id, "file.txt"), "rb").read() == b"v2"
+    assert _read(hf_hub_download(repo_id, "file.txt", revision=old)) == b"v1"
+    assert _read(hf_hub_download(repo_id, "file.txt")) == b"v2"
     assert api.model_info(repo_id, revision=old[:7]).sha == old  # unique short sha prefix
     assert [c.commit_id for c in api.list_repo_commits(repo_id)][:2] == [new, old]
 
@@ -184,9 +190,9 @@ def test_branches_and_pull_requests(api, repo_id):
     refs = api.list_repo_refs(repo_id, include_pull_requests=True)
     assert {b.name for b in refs.branches} == {"main", "dev"}
     assert [p.ref for p in refs.pull_requests] == ["refs/pr/1"]
-    assert open(hf_hub_download(repo_id, "x.txt", revision="dev"), "rb").read() == b"dev"
+    assert _read(hf_hub_download(repo_id, "x.txt", revision="dev")) == b"dev"
     # "refs/pr/1" travels URL-quoted as one path segment.
-    assert open(hf_hub_download(repo_id, "x.txt", revision="refs/pr/1"), "rb").read() == b"pr"
+    assert _read(hf_hub_download(repo_id, "x.txt", revision="refs/pr/1")) == b"pr"
     assert "x.txt" not in api.list_repo_files(repo_id)  # main untouched
 
 
@@ -292,7 +298,7 @@ def test_lfs_decision_follows_size_content_and_gitattributes(api, repo_id):
     )
     lfs = {s.rfilename: s.lfs is not None for s in api.model_info(repo_id, files_metadata=True).siblings}
     assert lfs == {".gitattributes": False, "big.txt": True, "blob.dat": True, "small.json": False}
-    assert open(hf_hub_download(repo_id, "big.txt"), "rb").read() == big
+    assert _read(hf_hub_download(repo_id, "big.txt")) == big
 
     api.upload_file(path_or_fileobj=b"*.md filter=lfs diff=lfs merge=lfs -text\n",
                     path_in_repo=".gitattributes", repo_id=repo_id)
@@ -406,11 +412,11 @@ def test_corrupt_serves_flipped_bytes_of_same_size(hub_server, api, repo_id, tmp
     api.upload_file(path_or_fileobj=weights, path_in_repo="lora.safetensors", repo_id=repo_id)
     hub_server.corrupt(repo_id, "lora.safetensors")
     try:
-        bad = open(hf_hub_download(repo_id, "lora.safetensors", cache_dir=tmp_path / "a"), "rb").read()
+        bad = _read(hf_hub_download(repo_id, "lora.safetensors", cache_dir=tmp_path / "a"))
         assert len(bad) == len(weights) and bad != weights
     finally:
         hub_server.uncorrupt_all()
-    good = open(hf_hub_download(repo_id, "lora.safetensors", cache_dir=tmp_path / "b"), "rb").read()
+    good = _read(hf_hub_download(repo_id, "lora.safetensors", cache_dir=tmp_path / "b"))
     assert good == weights
 
 
@@ -444,7 +450,7 @@ def test_standalone_server_without_auth_and_reset(tmp_path):
         api.upload_file(path_or_fileobj=b"x", path_in_repo="x.txt", repo_id="someone/free")
         assert api.whoami(token="any-token-is-fine")["name"] == "tester"
         path = hf_hub_download("someone/free", "x.txt", endpoint=hub.url, token=False, cache_dir=tmp_path)
-        assert open(path, "rb").read() == b"x"
+        assert _read(path) == b"x"
         assert len(hub.commits("someone/free")) == 2
         hub.reset()
         with pytest.raises(RepositoryNotFoundError):
