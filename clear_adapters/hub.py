@@ -22,6 +22,9 @@ def download(repo_id: str, filename: str, *, revision: str | None = None, token:
 
     try:
         path = Path(huggingface_hub.hf_hub_download(repo_id, filename, revision=revision, token=token))
+    except hf_errors.LocalEntryNotFoundError:  # before EntryNotFoundError: it is a subclass of it
+        raise OfflineError(f"{repo_id}/{filename} is not in the local Hub cache and the Hub cannot be reached "
+                           "(offline mode or no network); download it once while online") from None
     except hf_errors.RevisionNotFoundError:
         raise AdapterNotFoundError(f"revision {revision!r} not found in {repo_id}") from None
     except hf_errors.EntryNotFoundError:
@@ -32,9 +35,6 @@ def download(repo_id: str, filename: str, *, revision: str | None = None, token:
     except hf_errors.RepositoryNotFoundError:
         raise AdapterNotFoundError(f"Hub repository {repo_id} not found (or private: log in with a token "
                                    "that can read it)") from None
-    except hf_errors.LocalEntryNotFoundError:
-        raise OfflineError(f"{repo_id}/{filename} is not in the local Hub cache and the Hub cannot be reached "
-                           "(offline mode or no network); download it once while online") from None
     except hf_errors.HfHubHTTPError as exc:
         status = getattr(getattr(exc, "response", None), "status_code", None)
         if status in (401, 403):

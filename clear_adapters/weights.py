@@ -42,14 +42,18 @@ def check_safetensors_path(path: str | Path) -> Path:
                                 "(unpickling can run arbitrary code); convert it to .safetensors")
     if not path.is_file():
         raise FileNotFoundError(str(path))
+    size = path.stat().st_size
     with open(path, "rb") as fh:
         head = fh.read(8)
+        if head[:2] == b"PK" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+            raise UnsafeFormatError(f"{path}: this is a pickle/zip (torch.save) file, not safetensors; it is "
+                                    "never unpickled — convert it to .safetensors")
         if len(head) < 8:
             raise IntegrityError(f"{path}: too short to be a safetensors file")
         (length,) = struct.unpack("<Q", head)
-        if head[:2] == b"PK" or head[:1] == b"\x80" or length > 100_000_000:
-            raise UnsafeFormatError(f"{path}: not a safetensors file (looks like a pickle/zip archive); "
-                                    "only safetensors is accepted")
+        if length > size - 8 or fh.read(1) != b"{":
+            raise IntegrityError(f"{path}: not a safetensors file (bad header)")
+        fh.seek(8)
         try:
             json.loads(fh.read(length))
         except ValueError as exc:
