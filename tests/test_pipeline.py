@@ -33,11 +33,11 @@ def checkpoint(tmp_path_factory):
     return write_reference_checkpoint(tmp_path_factory.mktemp("ckpt") / "clear_r3.safetensors", pipe.transformer, 3)
 
 
-@pytest.mark.parametrize("controlnet", [False, True])
-def test_window_covering_the_image_equals_stock_processor(controlnet):
+@pytest.mark.parametrize("controlnet,backend", [(False, "auto"), (True, "auto"), (False, "dense"), (False, "flex")])
+def test_window_covering_the_image_equals_stock_processor(controlnet, backend):
     pipe = tiny_flux_pipeline(0, controlnet=controlnet)
     stock = generate(pipe)
-    handle = clear_adapters.attach(pipe, window_size=1000)
+    handle = clear_adapters.attach(pipe, window_size=1000, backend=backend)
     assert handle.targets == (["transformer", "controlnet"] if controlnet else ["transformer"])
     clear = generate(pipe)
     assert handle.kernel_calls > 0
