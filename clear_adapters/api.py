@@ -179,13 +179,17 @@ def _resolve_local(path: Path, window_size, down_factor, proportional, backend) 
 
 
 def _resolve_repo(repo_id, window_size, down_factor, revision, token, proportional, backend) -> AdapterSpec:
+    from .hub import commit_of
     from .hub import download as hub_download
 
     config_path = hub_download(repo_id, CONFIG_NAME, revision=revision, token=token)
+    # Pin the weights to the commit the config came from: a push landing between the two downloads
+    # must not pair this config with another commit's weights. Works offline too (cache layout).
+    commit = commit_of(config_path, CONFIG_NAME) or revision
     config_data = _read_config_file(config_path)
     config = _make_config(config_data.get("window_size"), config_data.get("down_factor"), window_size, down_factor,
                           config_data.get("proportional_attention", False) or proportional, backend, repo_id)
-    return AdapterSpec(repo_id, config, repo_id=repo_id, filename=config_data["weights"], revision=revision,
+    return AdapterSpec(repo_id, config, repo_id=repo_id, filename=config_data["weights"], revision=commit,
                        sha256=config_data.get("sha256"), base_model=config_data.get("base_model"),
                        metadata=config_data)
 
@@ -281,11 +285,14 @@ def load(source: str | Path, pipe, *, window_size: float | None = None, down_fac
         base_tensors = load_base_tensors(source_of_base, needed, token=token)
     plans = [("transformer", transformer, weights.plan(transformer, state_dict, spec.config.down_factor,
                                                        base=base_tensors))]
-    # ControlNets were initialised from the base transformer: they get the adapter's change relative to it
-    base = base_tensors if base_tensors is not None else \
-        {name: p.detach().float().cpu() for name, p, _ in plans[0][2].writes}
+    # ControlNets were initialised from the base transformer: they get the adapter's change relative to
+    # it. Only the tensors of the layers a ControlNet has are copied (a full FLUX copy would be 7 GB).
+    current = {name: p for name, p, _ in plans[0][2].writes}
     for name, model in targets[1:]:
         layers = [n for n, _ in weights.attention_layers(model)]
+        base = base_tensors if base_tensors is not None else {
+            key: current[key].detach().float().cpu() for key in current if key.rsplit(".attn.", 1)[0] + ".attn"
+            in layers}
         plans.append((name, model, weights.plan(model, state_dict, spec.config.down_factor, model_name=name,
                                                 layers=layers, base=base)))
     for name, model, _ in plans:
@@ -384,15 +391,22 @@ def get_handle(pipe) -> ClearHandle | None:
     return None
 
 
-def describe(name: str) -> dict:
-    """What the registry knows about ``name`` (or the ``clear_config.json`` of a local adapter/Hub repo)."""
+def describe(name: str, *, revision: str | None = None, token=None) -> dict:
+    """What the registry knows about ``name`` (or the ``clear_config.json`` of a local adapter/Hub repo).
+
+    For a Hub repo only ``clear_config.json`` is fetched (at ``revision``); ``revision`` in the
+    result is the commit it came from.
+    """
     if is_registry_name(name):
         return lookup(name).describe()
-    spec = resolve(name, download=False)
+    spec = resolve(name, revision=revision, token=token, download=False)
+    layers = spec.metadata.get("layers")
     return {"source": spec.source, "window_size": spec.config.window_size, "down_factor": spec.config.down_factor,
-            "base_model": spec.base_model, "repo_id": spec.repo_id, "weights": spec.filename or (
-                str(spec.weights_path) if spec.weights_path else None), **{k: v for k, v in spec.metadata.items()
-                                                                         if isinstance(v, (str, int, float, bool))}}
+            "base_model": spec.base_model, "repo_id": spec.repo_id, "revision": spec.revision,
+            "weights": spec.filename or (str(spec.weights_path) if spec.weights_path else None),
+            **({"layer_count": len(layers)} if isinstance(layers, list) else {}),
+            **{k: v for k, v in spec.metadata.items()
+               if isinstance(v, (str, int, float, bool)) and k not in ("window_size", "down_factor", "base_model")}}
 
 
 def _json(obj) -> str:

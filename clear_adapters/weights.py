@@ -146,10 +146,11 @@ def plan(model, state_dict: dict[str, torch.Tensor], down_factor: int, *, model_
                     raise IncompatibleModelError(
                         f"{key}: adapter tensor has shape {tuple(value.shape)}, {model_name} expects "
                         f"{tuple(param.shape)}; the adapter was made for a different model size")
-                new = value
-                if base is not None:
+                if base is None:
+                    new = _merged_lora_delta(module, pname, value)
+                else:  # the current weights already hold any fused LoRA
                     new = param.detach().float().cpu() + (value.float() - base[key].float())
-                result.writes.append((f"{layer}.{proj}.{pname}", param, _merged_lora_delta(module, pname, new)))
+                result.writes.append((f"{layer}.{proj}.{pname}", param, new))
                 seen.add(key)
         spatial_key = f"{layer}.{SPATIAL_WEIGHT}"
         if down_factor > 1:
