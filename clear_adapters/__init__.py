@@ -7,18 +7,20 @@
 """
 
 from .api import AdapterSpec, ClearHandle, attach, describe, get_handle, load, resolve, unload
+from .artifact import save_adapter
 from .config import ClearConfig
 from .errors import (AdapterNotFoundError, ClearAdapterError, HubAuthError, HubError, IncompatibleModelError,
                      IntegrityError, OfflineError, UnsafeFormatError)
 from .geometry import Geometry
 from .kernels import clear_attention
+from .publish import PushResult, push
 from .registry import RegistryEntry, list_adapters
 
 __version__ = "0.1.0"
 
 __all__ = [
     "load", "unload", "attach", "resolve", "describe", "get_handle", "list_adapters", "clear_attention",
-    "AdapterSpec", "ClearHandle", "ClearConfig", "Geometry", "RegistryEntry",
+    "save_adapter", "push", "PushResult", "AdapterSpec", "ClearHandle", "ClearConfig", "Geometry", "RegistryEntry",
     "ClearAdapterError", "AdapterNotFoundError", "IncompatibleModelError", "IntegrityError", "UnsafeFormatError",
     "HubError", "HubAuthError", "OfflineError", "__version__",
 ]

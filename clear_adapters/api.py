@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -240,7 +239,7 @@ def _head_shape(model) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------- load/unload
 def load(source: str | Path, pipe, *, window_size: float | None = None, down_factor: int | None = None,
          revision: str | None = None, token=None, backend: str = "auto", proportional_attention: bool = False,
-         controlnet: bool = True, weight_mode: str = "replace", base=None) -> ClearHandle:
+         controlnet: bool = True, weight_mode: str | None = None, base=None) -> ClearHandle:
     """Install a CLEAR adapter into a FLUX pipeline (or a FLUX transformer); returns a :class:`ClearHandle`.
 
     Args:
@@ -255,6 +254,7 @@ def load(source: str | Path, pipe, *, window_size: float | None = None, down_fac
             transformer, i.e. ``W_controlnet + (W_clear - W_transformer)``); ``False`` leaves them dense.
         weight_mode: ``"replace"`` writes the adapter's projections (what the paper did); ``"delta"``
             writes ``W_model + (W_clear - W_base)``, for fine-tuned variants of the adapter's base model.
+            Default: the adapter's ``clear_config.json`` ``weight_mode``, else ``"replace"``.
         base: for ``"delta"``: the base model's attention tensors — a state dict, a local diffusers
             model directory, or a Hub model id (default: the adapter's ``base_model``); only the
             tensors the adapter touches are read.
@@ -271,6 +271,8 @@ def load(source: str | Path, pipe, *, window_size: float | None = None, down_fac
     if file_down != spec.config.down_factor:
         raise IncompatibleModelError(f"{spec.weights_path.name} holds pooling weights for down_factor={file_down} "
                                      f"but the adapter is configured with down_factor={spec.config.down_factor}")
+    if weight_mode is None:
+        weight_mode = spec.metadata.get("weight_mode", "replace")
     if weight_mode not in ("replace", "delta"):
         raise ValueError(f"weight_mode must be 'replace' or 'delta', got {weight_mode!r}")
     transformer = targets[0][1]
@@ -409,5 +411,3 @@ def describe(name: str, *, revision: str | None = None, token=None) -> dict:
                if isinstance(v, (str, int, float, bool)) and k not in ("window_size", "down_factor", "base_model")}}
 
 
-def _json(obj) -> str:
-    return json.dumps(obj, indent=2, default=str)

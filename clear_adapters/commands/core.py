@@ -65,7 +65,7 @@ def cmd_list(args) -> int:
 def cmd_info(args) -> int:
     from ..api import describe
 
-    print(json.dumps(describe(args.name) if args.revision is None else describe(args.name), indent=2, default=str))
+    print(json.dumps(describe(args.name, revision=args.revision), indent=2, default=str))
     return 0
 
 
