@@ -221,6 +221,8 @@ def flux_models(pipe, *, controlnet: bool = True) -> list[tuple[str, torch.nn.Mo
     if controlnet and net is not None:
         nets = list(net.nets) if hasattr(net, "nets") else [net]
         for i, model in enumerate(nets):
+            if any(model is m for _, m in found):  # one net used in two slots is converted once
+                continue
             if weights.attention_layers(model):
                 found.append(("controlnet" if len(nets) == 1 and not hasattr(net, "nets") else f"controlnet.nets.{i}",
                               model))

@@ -143,3 +143,167 @@ def write_reference_checkpoint(path: str | os.PathLike, transformer, window_size
     save_file(tensors, str(path), metadata={"format": "pt", "window_size": str(window_size),
                                             "down_factor": str(down_factor), "producer": "clear_adapters.testing"})
     return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fixtures for the compatibility matrix (plugins and variants), all offline and seeded.
+def tiny_test_image(size: int = 64, seed: int = 0):
+    """A drawn RGB PIL image (gradient sky, sun, house, tree, ground) with edges for Canny to find."""
+    from PIL import Image, ImageDraw
+
+    gen = torch.Generator().manual_seed(seed)
+    jitter = [int(v) for v in torch.randint(-size // 16, size // 16 + 1, (6,), generator=gen)]
+    img = Image.new("RGB", (size, size))
+    draw = ImageDraw.Draw(img)
+    for y in range(size):  # vertical gradient: smooth regions where CLEAR's window matters least
+        draw.line([(0, y), (size, y)], fill=(90 + 100 * y // size, 140 + 60 * y // size, 230 - 80 * y // size))
+    s = size / 64
+    draw.rectangle([0, int(46 * s), size, size], fill=(70, 140, 60))
+    draw.ellipse([int((44 + jitter[0]) * s), int((6 + jitter[1]) * s), int((58 + jitter[0]) * s),
+                  int((20 + jitter[1]) * s)], fill=(250, 220, 60))
+    x0 = int((10 + jitter[2]) * s)
+    draw.rectangle([x0, int(28 * s), x0 + int(22 * s), int(48 * s)], fill=(200, 60, 50), outline=(40, 20, 20))
+    draw.polygon([(x0 - int(3 * s), int(28 * s)), (x0 + int(11 * s), int(16 * s)), (x0 + int(25 * s), int(28 * s))],
+                 fill=(120, 40, 40))
+    draw.rectangle([x0 + int(8 * s), int(38 * s), x0 + int(13 * s), int(48 * s)], fill=(60, 40, 30))
+    tx = int((46 + jitter[3]) * s)
+    draw.rectangle([tx, int(34 * s), tx + int(3 * s), int(50 * s)], fill=(90, 60, 30))
+    draw.ellipse([tx - int(6 * s), int(22 * s), tx + int(9 * s), int(38 * s)], fill=(30, 110, 40))
+    return img
+
+
+def tiny_image_encoder(seed: int = 0, image_size: int = 32, projection_dim: int = 32):
+    """(CLIPVisionModelWithProjection, CLIPImageProcessor) small enough for tests, from a config.
+
+    Register both on a pipeline with ``pipe.register_modules(image_encoder=..., feature_extractor=...)``
+    before ``load_ip_adapter`` so diffusers does not try to download an encoder.
+    """
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    try:  # transformers 5 without torchvision: the PIL processor, same behaviour without the warning
+        from transformers import CLIPImageProcessorPil as Processor
+    except ImportError:  # pragma: no cover - older transformers
+        from transformers import CLIPImageProcessor as Processor
+    torch.manual_seed(seed)
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=32, intermediate_size=37, projection_dim=projection_dim, num_hidden_layers=2,
+        num_attention_heads=4, image_size=image_size, patch_size=8, num_channels=3)).eval()
+    processor = Processor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    return encoder, processor
+
+
+def tiny_ip_adapter_state_dict(transformer, image_embed_dim: int = 32, num_tokens: int = 4, seed: int = 0,
+                               std: float = 0.3) -> dict[str, torch.Tensor]:
+    """IP-Adapter weights for ``transformer`` in the diffusers FLUX file format.
+
+    Keys: ``image_proj.proj.{weight,bias}`` ((num_tokens * joint_attention_dim, image_embed_dim)),
+    ``image_proj.norm.{weight,bias}`` and ``ip_adapter.{i}.to_{k,v}_ip.{weight,bias}`` for each double
+    block i (the IP branch only lives in double blocks). ``num_tokens`` must be 4 (or 16 for the
+    "plus" layout) — diffusers infers it from the projection's size.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    cross = transformer.config.joint_attention_dim
+    hidden = transformer.inner_dim
+
+    def randn(*shape, scale=std):
+        return (torch.randn(shape, generator=gen) * scale).contiguous()
+
+    tensors = {"image_proj.proj.weight": randn(num_tokens * cross, image_embed_dim),
+               "image_proj.proj.bias": randn(num_tokens * cross, scale=0.05),
+               "image_proj.norm.weight": 1.0 + randn(cross, scale=0.05),
+               "image_proj.norm.bias": randn(cross, scale=0.05)}
+    for i in range(transformer.config.num_layers):
+        for proj in ("to_k_ip", "to_v_ip"):
+            tensors[f"ip_adapter.{i}.{proj}.weight"] = randn(hidden, cross)
+            tensors[f"ip_adapter.{i}.{proj}.bias"] = randn(hidden, scale=0.05)
+    return tensors
+
+
+def write_tiny_ip_adapter(path: str | os.PathLike, transformer, image_embed_dim: int = 32, seed: int = 0) -> Path:
+    """Save :func:`tiny_ip_adapter_state_dict` as a safetensors file for ``pipe.load_ip_adapter(dir, name)``."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tiny_ip_adapter_state_dict(transformer, image_embed_dim, seed=seed), str(path),
+              metadata={"format": "pt"})
+    return path
+
+
+def tiny_lora_state_dict(transformer, rank: int = 4, seed: int = 0, scale: float = 1.0,
+                         target_modules=("to_q", "to_k", "to_v", "to_out.0")) -> dict[str, torch.Tensor]:
+    """peft LoRA weights for a copy of ``transformer`` (``transformer`` itself is not changed).
+
+    Both LoRA matrices are random (``init_lora_weights=False``) so the LoRA visibly changes the image;
+    ``scale`` multiplies ``lora_B``.
+    """
+    import copy
+
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    scratch = copy.deepcopy(transformer)
+    torch.manual_seed(seed)
+    scratch.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(target_modules),
+                                   init_lora_weights=False))
+    state = get_peft_model_state_dict(scratch)
+    return {k: (v * scale if "lora_B" in k else v).detach().clone().contiguous() for k, v in state.items()}
+
+
+def write_tiny_lora(directory: str | os.PathLike, transformer, rank: int = 4, seed: int = 0,
+                    scale: float = 1.0) -> Path:
+    """Save a tiny LoRA with ``FluxPipeline.save_lora_weights``; load it with ``pipe.load_lora_weights(dir)``."""
+    from diffusers import FluxPipeline
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    FluxPipeline.save_lora_weights(str(directory), transformer_lora_layers=tiny_lora_state_dict(
+        transformer, rank=rank, seed=seed, scale=scale))
+    return directory
+
+
+def tiny_finetuned_transformer(transformer, seed: int = 1, scale: float = 0.05):
+    """A "fine-tuned" copy of ``transformer``: every weight moved by seeded noise of relative size ``scale``."""
+    import copy
+
+    variant = copy.deepcopy(transformer)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in variant.parameters():
+            if param.numel() > 1:
+                param.add_(torch.randn(param.shape, generator=gen) * scale * param.detach().float().std())
+    return variant
+
+
+def tiny_flux_fill_pipeline(seed: int = 0):
+    """A ``FluxFillPipeline``: its transformer takes the latents, the masked-image latents and the packed
+    mask concatenated on channels (16 + 16 + 16 = 48 inputs at this size) and predicts 16 channels."""
+    from diffusers import FluxFillPipeline
+
+    base = tiny_flux_pipeline(seed)
+    latent_channels = base.vae.config.latent_channels
+    mask_channels = 4 * base.vae_scale_factor ** 2  # the mask is packed from pixel space by 2x2 patches
+    in_channels = 2 * 4 * latent_channels + mask_channels
+    transformer = tiny_flux_transformer(seed, in_channels=in_channels, out_channels=4 * latent_channels)
+    # Like FLUX.1-Fill-dev, a fine-tune of the base: every layer except the wider input layer starts
+    # from the base transformer (and so does a CLEAR adapter written for it).
+    base_state = base.transformer.state_dict()
+    own = transformer.state_dict()
+    transformer.load_state_dict({k: v for k, v in base_state.items() if k in own and own[k].shape == v.shape},
+                                strict=False)
+    components = {**base.components, "transformer": transformer}
+    components = {k: v for k, v in components.items() if k not in ("image_encoder", "feature_extractor")}
+    pipe = FluxFillPipeline(**components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def randomize_controlnet_outputs(controlnet, seed: int = 0, std: float = 0.3):
+    """Re-initialise a ControlNet's zero-initialised output layers so it visibly changes the image."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in [*controlnet.controlnet_blocks, *controlnet.controlnet_single_blocks,
+                       controlnet.controlnet_x_embedder]:
+            module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * std)
+            module.bias.copy_(torch.randn(module.bias.shape, generator=gen) * std / 3)
+    return controlnet

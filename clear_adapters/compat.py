@@ -1,0 +1,734 @@
+"""The compatibility matrix: CLEAR vs full attention across FLUX variants and plugins.
+
+Every *case* is one pipeline set up with one plugin or variant (a LoRA, a ControlNet, an IP-Adapter,
+Kontext, Fill, ...). :func:`run_matrix` runs each case on the same seed with full attention and with
+CLEAR and records, per case: PSNR/SSIM of CLEAR vs full attention, the attention-FLOP fraction, the
+wall-time ratio, whether the plugin changes the output (on vs off, with and without CLEAR), whether a
+window covering the whole image reproduces full attention (``exact_at_full_window``), whether a small
+window changes the output and whether ``unload`` gives the plugin's full-attention output back. It
+writes ``matrix.json``, ``matrix.md`` (the table a model card embeds) and ``index.html`` with an image
+grid (full | CLEAR | difference, one row per case).
+
+How cases are registered
+------------------------
+The core never imports plugins. Cases come from two places, collected by :func:`discover_cases`:
+
+* every module of ``clear_adapters.integrations`` that defines ``CASES`` (an iterable of :class:`Case`);
+* :func:`register_case`, for code outside this package (call it before ``run_matrix``).
+
+A :class:`Case` has a unique ``name`` (``"<plugin>/<what>"``), the ``plugin`` it exercises and a
+``prepare(ctx)`` function that receives a :class:`MatrixContext` and returns a :class:`CaseSetup`:
+the pipeline with the plugin installed, the call arguments, and how to run the same call with the
+plugin off. ``prepare`` raises :class:`CaseSkipped` when a resource is missing (e.g. a real pipeline
+needs ``--lora PATH``); the report lists the case as skipped with that reason.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import html
+import importlib
+import json
+import logging
+import math
+import pkgutil
+import platform
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+
+logger = logging.getLogger("clear_adapters")
+
+#: Window radius (tokens) that covers any image the matrix generates: CLEAR must then equal full attention.
+FULL_WINDOW = 1.0e6
+#: Max |difference| (images in [0, 1]) allowed for "equal" outputs, and required for "differs".
+EXACT_TOLERANCE = 1e-5
+DIFFERS_TOLERANCE = 1e-4
+#: In bf16/fp16 full attention (SDPA/flash) and CLEAR at a full window (FlexAttention) are different kernels:
+#: equal up to rounding, which sampling amplifies. Used as the default "equal" tolerance below float32.
+LOW_PRECISION_EXACT_TOLERANCE = 5e-2
+#: Pass thresholds of CLEAR vs full attention. The tiny pipeline has random weights and a random
+#: adapter, so its numbers only guard against regressions; real models are held to published-like quality.
+TINY_THRESHOLDS = {"min_psnr": 30.0, "min_ssim": 0.95}
+REAL_THRESHOLDS = {"min_psnr": 14.0, "min_ssim": 0.45}
+TINY_WINDOW = 4
+TINY_PROMPT = "a photo of a red house by the sea"
+REAL_PROMPT = "a photo of a red house on a hill by the sea, a tree on the right, sunny day"
+
+
+class CaseSkipped(Exception):
+    """Raised by ``Case.prepare`` when the case cannot run here; the message says what it needs."""
+
+
+# ------------------------------------------------------------------------------------------------ cases
+@dataclass(frozen=True)
+class Case:
+    """One compatibility case.
+
+    Args:
+        name: unique id, ``"<plugin>/<what>"`` (e.g. ``"lora/clear-then-lora"``).
+        plugin: the integration it exercises (``"lora"``, ``"controlnet"``, ``"ip_adapter"``, ``"variant"``).
+        description: one line for the report.
+        prepare: ``prepare(ctx) -> CaseSetup``; raise :class:`CaseSkipped` when something is missing.
+    """
+
+    name: str
+    plugin: str
+    description: str
+    prepare: Callable[["MatrixContext"], "CaseSetup"]
+
+
+@dataclass
+class CaseSetup:
+    """A prepared case: what to call and how to turn its plugin off.
+
+    Args:
+        pipe: the pipeline, plugin installed (CLEAR is installed and removed by the runner).
+        call: keyword arguments of the pipeline call (prompt, image, control image, ...); the runner
+            adds height, width, steps, seed and the output type.
+        off: ``off(generate) -> image``: the same call with the plugin off, where
+            ``generate(pipe=None, **overrides)`` runs the call (optionally on another pipeline).
+            ``None`` when "off" means nothing for this case.
+        off_description: what "off" means, for the report.
+        off_with_clear: also run ``off`` with CLEAR installed (the plugin must still act under CLEAR).
+        load_kwargs: extra :func:`clear_adapters.load` arguments (``controlnet=False``, ``weight_mode``, ``base``).
+        install_clear: ``install_clear(pipe, install) -> handle`` to control the order of installation
+            (e.g. remove a LoRA, call ``install()``, load the LoRA again); default: ``install()``.
+        extra_checks: ``extra_checks(runner) -> {name: bool | float}`` run last (CLEAR unloaded, plugin
+            on); booleans count towards pass/fail, numbers are reported.
+        teardown: undo what ``prepare`` did to shared pipelines (real models are loaded once).
+        notes: anything the report should say about this case.
+    """
+
+    pipe: Any
+    call: dict
+    off: Callable | None = None
+    off_description: str = ""
+    off_with_clear: bool = True
+    load_kwargs: dict = field(default_factory=dict)
+    install_clear: Callable | None = None
+    extra_checks: Callable | None = None
+    teardown: Callable | None = None
+    notes: str = ""
+
+
+_EXTRA_CASES: list[Case] = []
+
+
+def register_case(case: Case) -> Case:
+    """Add a case from outside ``clear_adapters.integrations`` (returned, so it can decorate-style chain)."""
+    if not isinstance(case, Case):
+        raise TypeError(f"register_case expects a clear_adapters.compat.Case, got {type(case).__name__}")
+    if any(c.name == case.name for c in _EXTRA_CASES):
+        raise ValueError(f"a case named {case.name!r} is already registered")
+    _EXTRA_CASES.append(case)
+    return case
+
+
+def discover_cases() -> list[Case]:
+    """All cases: ``CASES`` of every ``clear_adapters.integrations`` module, then registered ones."""
+    import clear_adapters.integrations as package
+
+    cases: list[Case] = []
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
+        if info.name.startswith("_"):
+            continue
+        try:
+            module = importlib.import_module(f"{package.__name__}.{info.name}")
+        except ImportError as exc:  # an optional dependency of one integration must not hide the others
+            logger.warning("integration %s not loaded: %s", info.name, exc)
+            continue
+        cases.extend(getattr(module, "CASES", ()))
+    cases.extend(_EXTRA_CASES)
+    names = [c.name for c in cases]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"duplicate case names: {', '.join(duplicates)}")
+    return cases
+
+
+def select_cases(cases: list[Case], patterns: Iterable[str] | None) -> list[Case]:
+    """Cases whose name or plugin matches any of ``patterns`` (shell globs; ``None`` = all)."""
+    if not patterns:
+        return list(cases)
+    patterns = [p.strip() for p in patterns if p.strip()]
+    chosen = [c for c in cases if any(fnmatch.fnmatchcase(c.name, p) or fnmatch.fnmatchcase(c.plugin, p)
+                                      or c.name.startswith(p.rstrip("/") + "/") for p in patterns)]
+    if not chosen:
+        raise ValueError(f"no case matches {', '.join(patterns)}; known: {', '.join(c.name for c in cases)}")
+    return chosen
+
+
+# ------------------------------------------------------------------------------------------------ context
+@dataclass
+class MatrixContext:
+    """What cases need to know: which pipeline, the sizes, the plugin resources given on the command line.
+
+    ``resources`` maps a resource name (``"lora"``, ``"controlnet"``, ``"controlnet_union"``,
+    ``"ip_adapter"``, ``"image_encoder"``, ``"kontext"``, ``"fill"``, ``"variant"``, ``"schnell"``,
+    ``"image"``) to a list of values (paths or Hub ids). On the tiny pipeline cases build their own.
+    """
+
+    pipeline: str = "tiny"
+    height: int = 64
+    width: int = 64
+    steps: int = 2
+    seed: int = 0
+    prompt: str = TINY_PROMPT
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    max_sequence_length: int | None = None  # T5 tokens; None: the pipeline's default (512 for FLUX.1-dev)
+    resources: dict[str, list[str]] = field(default_factory=dict)
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="clear-matrix-")))
+    _base: Any = field(default=None, repr=False)
+    _loaded: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def tiny(self) -> bool:
+        return self.pipeline == "tiny"
+
+    def resource(self, name: str, hint: str, count: int = 1) -> list[str]:
+        """``count`` values of resource ``name`` (the last one repeated if fewer were given), or skip."""
+        values = list(self.resources.get(name) or [])
+        if not values:
+            flag = "--" + name.replace("_", "-")
+            raise CaseSkipped(f"needs {flag} {hint}")
+        return (values + [values[-1]] * count)[:count]
+
+    def base_pipeline(self):
+        """The pipeline under test (tiny: a fresh one per call; real: loaded once and shared)."""
+        if self.tiny:
+            from .testing import tiny_flux_pipeline
+
+            return tiny_flux_pipeline(seed=0)
+        if self._base is None:
+            self._base = self.load_pipeline(self.pipeline)
+        return self._base
+
+    def load_pipeline(self, source: str, pipeline_class=None, share_components: bool = True, **kwargs):
+        """``from_pretrained`` on the context's device and dtype (cached per source and class).
+
+        With ``share_components`` a variant reuses the loaded base pipeline's text encoders, tokenizers
+        and VAE (FLUX variants ship the same ones): only its transformer is loaded (~24 GB instead of ~34).
+        """
+        key = (source, getattr(pipeline_class, "__name__", None))
+        if key not in self._loaded:
+            if pipeline_class is None:
+                from diffusers import DiffusionPipeline as pipeline_class
+            if share_components and self._base is not None and source != self.pipeline:
+                for name in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae"):
+                    if self._base.components.get(name) is not None:
+                        kwargs.setdefault(name, self._base.components[name])
+            logger.info("loading %s (%s)", source, pipeline_class.__name__)
+            pipe = pipeline_class.from_pretrained(source, torch_dtype=self.dtype, **kwargs).to(self.device)
+            pipe.set_progress_bar_config(disable=True)
+            self._loaded[key] = pipe
+        return self._loaded[key]
+
+    def release(self, pipe) -> None:
+        """Forget a pipeline loaded with :meth:`load_pipeline` (frees its memory once unreferenced)."""
+        import gc
+
+        for key in [k for k, v in self._loaded.items() if v is pipe]:
+            del self._loaded[key]
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def condition_image(self, size: tuple[int, int] | None = None):
+        """The image cases condition on: ``--image PATH`` or a drawn test image, at the generation size."""
+        from PIL import Image
+
+        from .testing import tiny_test_image
+
+        width, height = size or (self.width, self.height)
+        paths = self.resources.get("image")
+        if paths:
+            image = Image.open(paths[0]).convert("RGB")
+        else:
+            image = tiny_test_image(max(64, min(width, height)), seed=self.seed)
+        return image.resize((width, height), Image.BICUBIC)
+
+
+# ------------------------------------------------------------------------------------------------ running
+@dataclass
+class CaseRunner:
+    """Runs one case's pipeline calls; handed to ``CaseSetup.extra_checks``."""
+
+    ctx: MatrixContext
+    setup: CaseSetup
+    adapter: str
+    window_size: float | None
+    images: dict = field(default_factory=dict)
+    last_seconds: float = 0.0
+
+    def generate(self, pipe=None, **overrides) -> torch.Tensor:
+        """The case's call (plus ``overrides``) on ``pipe`` (default: the case's), as a (3, H, W) CPU tensor."""
+        pipe = pipe if pipe is not None else self.setup.pipe
+        if self.ctx.tiny and self.ctx.device != "cpu":
+            pipe.to(self.ctx.device)  # tiny pipelines are built on the CPU; plugins may have added modules since
+        kwargs = {"prompt": self.ctx.prompt, "height": self.ctx.height, "width": self.ctx.width,
+                  "num_inference_steps": self.ctx.steps, "output_type": "pt"}
+        if self.ctx.max_sequence_length:
+            kwargs["max_sequence_length"] = self.ctx.max_sequence_length
+        kwargs.update(self.setup.call)
+        kwargs.update(overrides)
+        kwargs = {k: v for k, v in kwargs.items() if v is not _DROP}
+        kwargs["generator"] = torch.Generator(device="cpu").manual_seed(self.ctx.seed)
+        start = time.perf_counter()
+        image = pipe(**kwargs).images[0]
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.last_seconds = time.perf_counter() - start
+        return image.detach().float().cpu()
+
+    def load_clear(self):
+        """Install the adapter the way the case wants (order), with the case's load options."""
+        from . import api
+
+        def install():
+            return api.load(self.adapter, self.setup.pipe, window_size=self.window_size, **self.setup.load_kwargs)
+
+        return self._install(install)
+
+    def attach(self, window_size: float):
+        """Install the bare pattern (no weights) with ``window_size``, in the case's order."""
+        from . import api
+
+        options = {k: v for k, v in self.setup.load_kwargs.items() if k == "controlnet"}
+
+        def install():
+            return api.attach(self.setup.pipe, window_size, **options)
+
+        return self._install(install)
+
+    def unload(self) -> None:
+        from . import api
+
+        api.unload(self.setup.pipe)
+
+    def _install(self, install):
+        if self.setup.install_clear is not None:
+            return self.setup.install_clear(self.setup.pipe, install)
+        return install()
+
+
+_DROP = object()
+
+
+def drop():
+    """Marker for ``generate(**overrides)``: remove this argument from the call (e.g. ``image=drop()``)."""
+    return _DROP
+
+
+def max_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest absolute pixel difference of two images in [0, 1] (inf when shapes differ)."""
+    if a.shape != b.shape:
+        return math.inf
+    return float((a.float() - b.float()).abs().max())
+
+
+class _GeometryProbe:
+    """Records the transformer's ``img_ids`` and text length of each call (for the FLOP fraction)."""
+
+    def __init__(self, model):
+        import inspect
+
+        self.signature = inspect.signature(model.forward)
+        self.img_ids = None
+        self.text_len = None
+        self.handle = model.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs):
+        bound = self.signature.bind_partial(*args, **kwargs).arguments
+        if bound.get("img_ids") is not None and bound.get("encoder_hidden_states") is not None:
+            self.img_ids = bound["img_ids"].detach().cpu()
+            self.text_len = int(bound["encoder_hidden_states"].shape[1])
+
+    def remove(self):
+        self.handle.remove()
+
+
+def _flop_fraction(probe: _GeometryProbe, handle) -> float | None:
+    from .geometry import Geometry
+
+    if probe.img_ids is None:
+        return None
+    geometry = Geometry.from_ids(probe.img_ids, probe.text_len)
+    heads, head_dim = handle._head_shape
+    full = geometry.attention_flops(head_dim, heads)
+    return geometry.attention_flops(head_dim, heads, handle.config) / full
+
+
+def run_case(case: Case, ctx: MatrixContext, adapter: str, window_size: float | None, thresholds: dict,
+             small_window: float) -> tuple[dict, list | None]:
+    """Run one case; returns (its report entry, [full, CLEAR, difference] images or None)."""
+    from . import api
+    from .imaging import difference, psnr, ssim
+
+    entry: dict = {"name": case.name, "plugin": case.plugin, "description": case.description}
+    start = time.perf_counter()
+    try:
+        setup = case.prepare(ctx)
+    except CaseSkipped as exc:
+        entry.update(status="skipped", reason=str(exc), passed=None)
+        return entry, None
+    except Exception as exc:  # a case that cannot even be set up is a failure, reported, not a crash
+        logger.exception("case %s could not be prepared", case.name)
+        entry.update(status="error", error=f"{type(exc).__name__}: {exc}", passed=False,
+                     seconds=time.perf_counter() - start)
+        return entry, None
+    runner = CaseRunner(ctx, setup, adapter, window_size)
+    checks: dict[str, bool] = {}
+    try:
+        pipe = setup.pipe
+        # Full attention. The "off" run goes first: it warms up the pipeline for the timed "on" run.
+        off = setup.off(runner.generate) if setup.off is not None else None
+        full = runner.generate()
+        full_seconds = runner.last_seconds
+        plugin_effect = max_difference(full, off) if off is not None else None
+        # The bare pattern: a window covering every token is full attention; a small one is not.
+        runner.attach(FULL_WINDOW)
+        exact = max_difference(runner.generate(), full)
+        runner.unload()
+        runner.attach(small_window)
+        small = max_difference(runner.generate(), full)
+        runner.unload()
+        # The adapter.
+        handle = runner.load_clear()
+        off_clear = setup.off(runner.generate) if (setup.off is not None and setup.off_with_clear) else None
+        probe = _GeometryProbe(api.flux_models(pipe)[0][1])
+        try:
+            calls_mid = handle.kernel_calls
+            clear = runner.generate()
+            clear_seconds = runner.last_seconds
+        finally:
+            probe.remove()
+        clear_calls = handle.kernel_calls - calls_mid
+        plugin_effect_clear = max_difference(clear, off_clear) if off_clear is not None else None
+        entry["targets"] = list(handle.targets)
+        entry["flop_fraction"] = _flop_fraction(probe, handle)
+        runner.unload()
+        restored = max_difference(runner.generate(), full)
+        runner.images.update(full=full, clear=clear, off=off, off_clear=off_clear)
+        extra = setup.extra_checks(runner) if setup.extra_checks is not None else {}
+    except Exception as exc:  # one broken case must not stop the matrix: it is reported as failed
+        logger.exception("case %s failed", case.name)
+        entry.update(status="error", error=f"{type(exc).__name__}: {exc}", passed=False,
+                     seconds=time.perf_counter() - start)
+        _cleanup(setup)
+        return entry, None
+    _cleanup(setup)
+    value_psnr, value_ssim = psnr(clear, full), ssim(clear, full)
+    tolerance = thresholds["exact_tolerance"]
+    checks["exact_at_full_window"] = exact <= tolerance
+    checks["differs_at_small_window"] = small > DIFFERS_TOLERANCE
+    checks["clear_active"] = clear_calls > 0
+    checks["restored_after_unload"] = restored <= tolerance
+    if plugin_effect is not None:
+        checks["plugin_changes_output"] = plugin_effect > DIFFERS_TOLERANCE
+    if plugin_effect_clear is not None:
+        checks["plugin_changes_output_with_clear"] = plugin_effect_clear > DIFFERS_TOLERANCE
+    checks["psnr"] = value_psnr >= thresholds["min_psnr"]
+    checks["ssim"] = value_ssim >= thresholds["min_ssim"]
+    for key, value in extra.items():
+        if isinstance(value, bool):
+            checks[key] = value
+    entry.update(
+        status="ok", psnr=_finite(value_psnr), ssim=value_ssim, exact_at_full_window=checks["exact_at_full_window"],
+        exact_max_difference=exact, small_window=small_window, small_window_max_difference=small,
+        plugin_changes_output=checks.get("plugin_changes_output"), plugin_max_difference=plugin_effect,
+        plugin_changes_output_with_clear=checks.get("plugin_changes_output_with_clear"),
+        plugin_max_difference_with_clear=plugin_effect_clear, off=setup.off_description or None,
+        clear_kernel_calls=clear_calls, restored_max_difference=restored,
+        time_full_s=full_seconds, time_clear_s=clear_seconds, time_ratio=clear_seconds / max(full_seconds, 1e-9),
+        extra={k: v for k, v in extra.items()}, checks=checks, notes=setup.notes or None,
+        seconds=time.perf_counter() - start)
+    entry["failed_checks"] = [k for k, ok in checks.items() if not ok]
+    entry["passed"] = not entry["failed_checks"]
+    # Small differences are scaled up so the grid shows where they are; the gain is in the report.
+    largest = max(float((clear - full).abs().max()), 1e-12)
+    gain = float(min(MAX_DIFFERENCE_GAIN, max(MIN_DIFFERENCE_GAIN, 1.0 / largest)))
+    entry["difference_gain"] = gain
+    return entry, [full, clear, difference(clear, full, gain=gain)]
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def _cleanup(setup: CaseSetup) -> None:
+    from . import api
+
+    try:
+        if api.get_handle(setup.pipe) is not None:
+            api.unload(setup.pipe)
+    except Exception:  # noqa: BLE001 - best effort after a failure; the failure itself is reported
+        logger.debug("unload after a failed case failed too", exc_info=True)
+    if setup.teardown is not None:
+        try:
+            setup.teardown()
+        except Exception:  # noqa: BLE001 - the next case starts from its own set-up; say so and go on
+            logger.warning("teardown of a case failed; later cases on a shared pipeline may be affected",
+                           exc_info=True)
+
+
+# ------------------------------------------------------------------------------------------------ matrix
+def run_matrix(pipeline: str = "tiny", adapter: str | None = None, *, out: str | Path,
+               cases: Iterable[str] | None = None, window_size: float | None = None, height: int | None = None,
+               width: int | None = None, steps: int | None = None, seed: int = 0, prompt: str | None = None,
+               max_sequence_length: int | None = None, resources: dict[str, list[str]] | None = None,
+               thresholds: dict | None = None,
+               device: str | None = None, dtype: str | torch.dtype | None = None,
+               printer: Callable[[str], None] | None = print) -> dict:
+    """Run the compatibility matrix and write ``matrix.json``, ``matrix.md`` and ``index.html`` to ``out``.
+
+    Args:
+        pipeline: ``"tiny"`` (offline test pipeline) or a diffusers FLUX pipeline (Hub id or directory).
+        adapter: CLEAR adapter (registry name, path, Hub id); tiny default: a reference-format checkpoint
+            written for the tiny pipeline into ``out``; otherwise default ``"flux-dev"``.
+        cases: name/plugin globs to run (default: all).
+        window_size: override the adapter's window (tiny default: 4 tokens).
+        height, width, steps: generation size (tiny: 64 px, 2 steps; real: 1024 px, 28 steps).
+        max_sequence_length: T5 tokens (tiny default 32: the tiny T5 has no use for 512 padding tokens).
+        resources: plugin weights for real pipelines (see :class:`MatrixContext`).
+        thresholds: ``{"min_psnr": dB, "min_ssim": x, "exact_tolerance": max |difference|}``, written into
+            the report (``exact_tolerance``: 1e-5 in float32, 5e-2 in bf16/fp16 where the kernels differ).
+    Returns the report (also in ``matrix.json``); ``report["passed"]`` is False when a case failed.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tiny = pipeline == "tiny"
+    if device is None:
+        device = "cuda" if (torch.cuda.is_available() and not tiny) else "cpu"
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    if dtype is None:
+        dtype = torch.bfloat16 if (device.startswith("cuda") and not tiny) else torch.float32
+    ctx = MatrixContext(pipeline=pipeline, height=height or (64 if tiny else 1024),
+                        width=width or (64 if tiny else 1024), steps=steps or (2 if tiny else 28), seed=seed,
+                        prompt=prompt or (TINY_PROMPT if tiny else REAL_PROMPT),
+                        device=device, dtype=dtype, max_sequence_length=max_sequence_length or (32 if tiny else None),
+                        resources={k: list(v) for k, v in (resources or {}).items() if v},
+                        workdir=out / "work")
+    ctx.workdir.mkdir(parents=True, exist_ok=True)
+    if tiny and adapter is None:
+        from .testing import tiny_flux_transformer, write_reference_checkpoint
+
+        window_size = window_size or TINY_WINDOW
+        adapter = str(write_reference_checkpoint(ctx.workdir / f"tiny_clear_r{window_size:g}.safetensors",
+                                                 tiny_flux_transformer(0), window_size))
+    adapter = adapter or "flux-dev"
+    exact = EXACT_TOLERANCE if dtype == torch.float32 else LOW_PRECISION_EXACT_TOLERANCE
+    thresholds = {**(TINY_THRESHOLDS if tiny else REAL_THRESHOLDS), "exact_tolerance": exact, **(thresholds or {})}
+    window = window_size if window_size is not None else _adapter_window(adapter)
+    small_window = float(window if window is not None else TINY_WINDOW)
+    selected = select_cases(discover_cases(), cases)
+    say = printer or (lambda _msg: None)
+    say(f"compatibility matrix: pipeline {pipeline}, adapter {adapter} (window {window}), "
+        f"{ctx.width}x{ctx.height} px, {ctx.steps} steps, seed {seed}, {len(selected)} cases")
+    started = time.perf_counter()
+    entries, rows, row_names = [], [], []
+    threads = torch.get_num_threads()
+    if tiny:  # tiny models are overhead-bound: extra threads only add synchronisation (10x slower when busy)
+        torch.set_num_threads(1)
+    try:
+        for case in selected:
+            entry, images = run_case(case, ctx, adapter, window_size, thresholds, small_window)
+            entries.append(entry)
+            if images is not None:
+                rows.append(images)
+                row_names.append(case.name)
+            say(_one_line(entry))
+    finally:
+        torch.set_num_threads(threads)
+    report = {
+        "pipeline": pipeline, "adapter": adapter, "window_size": window, "height": ctx.height, "width": ctx.width,
+        "steps": ctx.steps, "seed": seed, "prompt": ctx.prompt, "max_sequence_length": ctx.max_sequence_length,
+        "device": device, "dtype": str(dtype).replace("torch.", ""),
+        "thresholds": {**thresholds, "differs_tolerance": DIFFERS_TOLERANCE,
+                       "small_window": small_window, "full_window": FULL_WINDOW},
+        "versions": _versions(), "seconds": None, "cases": entries,
+    }
+    run_ones = [e for e in entries if e["status"] != "skipped"]
+    report["passed"] = all(e["passed"] for e in run_ones)
+    report["summary"] = {"cases": len(entries), "passed": sum(1 for e in run_ones if e["passed"]),
+                         "failed": sum(1 for e in run_ones if not e["passed"]),
+                         "skipped": sum(1 for e in entries if e["status"] == "skipped")}
+    report["grid"] = _write_grid(out, rows, row_names)
+    report["seconds"] = time.perf_counter() - started
+    (out / "matrix.json").write_text(json.dumps(report, indent=2, default=_json_default))
+    (out / "matrix.md").write_text(render_markdown(report))
+    (out / "index.html").write_text(render_html(report))
+    summary = report["summary"]
+    say(f"{summary['passed']} passed, {summary['failed']} failed, {summary['skipped']} skipped in "
+        f"{report['seconds']:.1f} s; wrote {out / 'matrix.json'}, {out / 'matrix.md'}, {out / 'index.html'}")
+    for e in entries:
+        if e["status"] == "skipped":
+            say(f"  skipped {e['name']}: {e['reason']}")
+    return report
+
+
+def _adapter_window(adapter: str):
+    from .api import resolve
+
+    try:
+        return resolve(adapter, download=False).config.window_size
+    except Exception:  # noqa: BLE001 - only for the report header; load() raises the real error later
+        return None
+
+
+def _one_line(entry: dict) -> str:
+    if entry["status"] == "skipped":
+        return f"  SKIP {entry['name']}: {entry['reason']}"
+    if entry["status"] == "error":
+        return f"  FAIL {entry['name']}: {entry['error']}"
+    flag = "ok  " if entry["passed"] else "FAIL"
+    failed = f" failed: {', '.join(entry['failed_checks'])}" if entry["failed_checks"] else ""
+    return (f"  {flag} {entry['name']:<34} PSNR {_fmt(entry['psnr'], '.2f')} dB  SSIM {entry['ssim']:.3f}  "
+            f"FLOPs {_fmt(entry['flop_fraction'], '.1%')}  time x{entry['time_ratio']:.2f}{failed}")
+
+
+def _fmt(value, spec: str) -> str:
+    if value is None:
+        return "inf" if spec == ".2f" else "-"
+    return format(value, spec)
+
+
+def _versions() -> dict:
+    from importlib import metadata
+
+    versions = {"python": platform.python_version(), "platform": platform.platform()}
+    for name in ("clear-adapters", "torch", "diffusers", "transformers", "peft", "huggingface_hub"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    versions["cuda_device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return versions
+
+
+def _json_default(obj):
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return str(obj)
+
+
+GRID_NAME = "matrix_grid.png"
+GRID_COLUMNS = ["full attention", "CLEAR", "|CLEAR - full| x gain (difference_gain per case, >= 4)"]
+MIN_DIFFERENCE_GAIN, MAX_DIFFERENCE_GAIN = 4.0, 256.0
+GRID_GAP = 4
+
+
+def _write_grid(out: Path, rows: list, names: list[str]) -> dict | None:
+    from .imaging import side_by_side
+
+    if not rows:
+        return None
+    scale = max(1, 128 // max(rows[0][0].shape[-1], 1))  # tiny 64 px images are shown at 128 px
+    image = side_by_side(rows, gap=GRID_GAP, scale=scale)
+    image.save(out / GRID_NAME)
+    height, width = rows[0][0].shape[-2:]
+    return {"file": GRID_NAME, "rows": names, "columns": GRID_COLUMNS, "cell_width": width * scale,
+            "cell_height": height * scale, "gap": GRID_GAP, "width": image.width, "height": image.height}
+
+
+def _cell(value, spec: str, missing: str = "-") -> str:
+    if value is None:
+        return missing
+    if isinstance(value, bool):
+        return "yes" if value else "**no**"
+    return format(value, spec)
+
+
+def render_markdown(report: dict) -> str:
+    """The matrix as a Markdown section (what the model card embeds)."""
+    t = report["thresholds"]
+    lines = [
+        f"Compatibility matrix: pipeline `{report['pipeline']}`, adapter `{report['adapter']}` "
+        f"(window {report['window_size']}), {report['width']}x{report['height']} px, {report['steps']} steps, "
+        f"seed {report['seed']}, {report['device']}/{report['dtype']}. CLEAR vs full attention on the same seed; "
+        f"pass: PSNR >= {t['min_psnr']} dB, SSIM >= {t['min_ssim']}, full-window run equal to full attention "
+        f"(<= {t['exact_tolerance']:g}), plugin on/off differs, unload restores the output.",
+        "",
+        "| case | plugin | PSNR (dB) | SSIM | attention FLOPs | time ratio | plugin changes output | "
+        "exact at full window | result |",
+        "|---|---|---:|---:|---:|---:|:-:|:-:|:-:|",
+    ]
+    for e in report["cases"]:
+        if e["status"] == "skipped":
+            lines.append(f"| {e['name']} | {e['plugin']} | | | | | | | skipped: {e['reason']} |")
+            continue
+        if e["status"] == "error":
+            lines.append(f"| {e['name']} | {e['plugin']} | | | | | | | **error**: {e['error'][:120]} |")
+            continue
+        effect = e["plugin_changes_output"]
+        if e.get("plugin_changes_output_with_clear") is not None:
+            effect = effect and e["plugin_changes_output_with_clear"] if effect is not None else \
+                e["plugin_changes_output_with_clear"]
+        result = "pass" if e["passed"] else "**FAIL** (" + ", ".join(e["failed_checks"]) + ")"
+        lines.append(f"| {e['name']} | {e['plugin']} | {_cell(e['psnr'], '.2f', 'inf')} | {e['ssim']:.3f} | "
+                     f"{_cell(e['flop_fraction'], '.1%')} | {e['time_ratio']:.2f} | {_cell(effect, '')} | "
+                     f"{_cell(e['exact_at_full_window'], '')} | {result} |")
+    s = report["summary"]
+    lines += ["", f"{s['passed']} passed, {s['failed']} failed, {s['skipped']} skipped. Versions: "
+              + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v and k != "platform") + "."]
+    return "\n".join(lines) + "\n"
+
+
+def render_html(report: dict) -> str:
+    """A standalone HTML page: the table and the image grid (full | CLEAR | difference per case)."""
+    esc = html.escape
+    rows = []
+    for e in report["cases"]:
+        if e["status"] != "ok":
+            why = e.get("reason") or e.get("error") or ""
+            rows.append(f"<tr class='{e['status']}'><td>{esc(e['name'])}</td><td>{esc(e['plugin'])}</td>"
+                        f"<td colspan='6'>{esc(e['status'])}: {esc(why)}</td></tr>")
+            continue
+        result = "pass" if e["passed"] else "FAIL: " + ", ".join(e["failed_checks"])
+        rows.append(
+            f"<tr class='{'pass' if e['passed'] else 'fail'}'><td>{esc(e['name'])}</td><td>{esc(e['plugin'])}</td>"
+            f"<td>{_cell(e['psnr'], '.2f', 'inf')}</td><td>{e['ssim']:.3f}</td>"
+            f"<td>{_cell(e['flop_fraction'], '.1%')}</td><td>{e['time_ratio']:.2f}</td>"
+            f"<td>{esc(str(e['exact_at_full_window']))}</td><td>{esc(result)}</td></tr>")
+    grid = report.get("grid")
+    grid_html = "<p>No case produced images.</p>"
+    if grid:
+        labels = "".join(f"<li>{esc(n)}</li>" for n in grid["rows"])
+        grid_html = (f"<p>Columns: {esc(' | '.join(grid['columns']))}. Rows, top to bottom:</p><ol>{labels}</ol>"
+                     f"<img src='{esc(grid['file'])}' alt='full attention, CLEAR and difference per case' "
+                     f"width='{grid['width']}' height='{grid['height']}'>")
+    title = f"CLEAR compatibility matrix: {report['pipeline']}"
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px}}tr.fail td,tr.error td{{background:#fdd}}
+tr.skipped td{{color:#777}}img{{image-rendering:pixelated}}</style></head>
+<body><h1>{esc(title)}</h1>
+<p>Adapter {esc(str(report['adapter']))} (window {esc(str(report['window_size']))}),
+{report['width']}x{report['height']} px, {report['steps']} steps, seed {report['seed']}.
+Thresholds: {esc(json.dumps(report['thresholds']))}.</p>
+<table><tr><th>case</th><th>plugin</th><th>PSNR (dB)</th><th>SSIM</th><th>attention FLOPs</th>
+<th>time ratio</th><th>exact at full window</th><th>result</th></tr>
+{''.join(rows)}</table>
+<h2>Images</h2>
+{grid_html}
+</body></html>
+"""
+
+
+def known_case_names() -> list[str]:
+    """Names of every discoverable case (for ``--list`` and error messages)."""
+    return [c.name for c in discover_cases()]
+
+
+__all__ = ["Case", "CaseSetup", "CaseSkipped", "CaseRunner", "MatrixContext", "register_case", "discover_cases",
+           "select_cases", "run_matrix", "run_case", "render_markdown", "render_html", "drop", "max_difference",
+           "known_case_names"]
