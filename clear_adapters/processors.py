@@ -125,6 +125,12 @@ def _clear_core(attn, query, key, value, encoder_hidden_states, attention_mask, 
     return out.transpose(1, 2).flatten(2, 3).to(query.dtype)
 
 
+def _output_projections(attn, hidden_states: torch.Tensor, text_len: int):
+    """Split the joint output into (image, text) and apply each stream's output projection."""
+    text, image = hidden_states.split_with_sizes([text_len, hidden_states.shape[1] - text_len], dim=1)
+    return attn.to_out[1](attn.to_out[0](image.contiguous())), attn.to_add_out(text.contiguous())
+
+
 class ClearFluxAttnProcessor:
     """Drop-in for diffusers' ``FluxAttnProcessor`` that runs CLEAR attention (no constructor arguments)."""
 
@@ -138,10 +144,7 @@ class ClearFluxAttnProcessor:
                                     image_rotary_emb)
         if encoder_hidden_states is None:
             return hidden_states
-        text, image = hidden_states.split_with_sizes(
-            [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1)
-        image = attn.to_out[1](attn.to_out[0](image.contiguous()))
-        return image, attn.to_add_out(text.contiguous())
+        return _output_projections(attn, hidden_states, encoder_hidden_states.shape[1])
 
 
 class ClearFluxIPAdapterAttnProcessor(FluxIPAdapterAttnProcessor):
@@ -175,10 +178,7 @@ class ClearFluxIPAdapterAttnProcessor(FluxIPAdapterAttnProcessor):
                                     image_rotary_emb)
         if encoder_hidden_states is None:
             return hidden_states
-        text, image = hidden_states.split_with_sizes(
-            [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1)
-        image = attn.to_out[1](attn.to_out[0](image))
-        text = attn.to_add_out(text)
+        image, text = _output_projections(attn, hidden_states, encoder_hidden_states.shape[1])
         # The IP branch: image queries (no RoPE) against the projected image-prompt tokens, dense.
         ip_out = torch.zeros_like(image)
         for states, scale, to_k_ip, to_v_ip in zip(ip_hidden_states or [], self.scale, self.to_k_ip, self.to_v_ip):

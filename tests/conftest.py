@@ -44,3 +44,12 @@ def hub_server():
 @pytest.fixture(scope="session")
 def hub_token():
     return HUB_TOKEN
+
+
+@pytest.fixture
+def single_thread():
+    """Run a test on one torch thread (tiny models are overhead-bound; two threads only contend)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

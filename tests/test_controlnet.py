@@ -12,6 +12,9 @@ from clear_adapters.testing import randomize_controlnet_outputs, tiny_flux_pipel
     tiny_test_image, write_reference_checkpoint
 from clear_adapters.weights import attention_layers, read_adapter_file
 
+# the tiny pipelines run fastest on one thread on a loaded 2-core machine
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 EXACT = 1e-5
 CONTROL = canny(tiny_test_image(64))
 
@@ -19,14 +22,6 @@ CONTROL = canny(tiny_test_image(64))
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory):
     return write_reference_checkpoint(tmp_path_factory.mktemp("cn") / "clear.safetensors", tiny_flux_transformer(0), 4)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def generate(pipe, **kwargs):

@@ -75,16 +75,7 @@ def test_real_pipeline_cases_skip_with_the_option_they_need(tmp_path):
     assert reasons["variant/finetuned-delta"].startswith("needs --variant ID")
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models are overhead-bound: extra threads only add contention (run_matrix does this for "tiny")."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_real_code_path_runs_given_resources_and_reports_skips(tmp_path, monkeypatch, one_thread):
+def test_real_code_path_runs_given_resources_and_reports_skips(tmp_path, monkeypatch, single_thread):
     """`--pipeline <id>` with a stand-in for from_pretrained: LoRA given, the rest reported as skipped."""
     from clear_adapters.testing import tiny_flux_pipeline, tiny_flux_transformer, write_reference_checkpoint, \
         write_tiny_lora
@@ -154,7 +145,7 @@ def test_canny_torch_finds_edges_and_matches_opencv_when_installed():
     assert agreement > 0.97, float(agreement)
 
 
-def test_real_code_path_from_local_directories(tmp_path, one_thread):
+def test_real_code_path_from_local_directories(tmp_path, single_thread):
     """`clear-adapters matrix --pipeline DIR` with every plugin given as a local directory: from_pretrained,
     load_lora_weights, load_ip_adapter with an encoder path, ControlNets and variant pipelines, delta base."""
     from diffusers import FluxControlNetModel, FluxKontextPipeline

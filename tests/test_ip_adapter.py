@@ -11,6 +11,9 @@ from clear_adapters.compat import FULL_WINDOW, max_difference
 from clear_adapters.testing import tiny_flux_pipeline, tiny_flux_transformer, tiny_image_encoder, tiny_test_image, \
     write_reference_checkpoint, write_tiny_ip_adapter
 
+# the tiny pipelines run fastest on one thread on a loaded 2-core machine
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 EXACT = 1e-5
 WEIGHT_NAME = "ip_adapter.safetensors"
 
@@ -21,14 +24,6 @@ def files(tmp_path_factory):
     transformer = tiny_flux_transformer(0)
     return {"adapter": write_reference_checkpoint(root / "clear.safetensors", transformer, 4),
             "ip": write_tiny_ip_adapter(root / "ip" / WEIGHT_NAME, transformer)}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 IMAGE = tiny_test_image(64, seed=3)

@@ -11,6 +11,9 @@ from clear_adapters.integrations.lora import load_loras, split_lora_source
 from clear_adapters.testing import tiny_flux_pipeline, tiny_flux_transformer, write_reference_checkpoint, \
     write_tiny_lora
 
+# the tiny pipelines run fastest on one thread on a loaded 2-core machine
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 EXACT = 1e-5
 
 
@@ -21,14 +24,6 @@ def files(tmp_path_factory):
     return {"adapter": write_reference_checkpoint(root / "clear.safetensors", transformer, 4),
             "a": write_tiny_lora(root / "a", transformer, seed=1),
             "b": write_tiny_lora(root / "b", transformer, seed=2)}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add contention
-    yield
-    torch.set_num_threads(threads)
 
 
 def generate(pipe):

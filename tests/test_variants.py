@@ -18,6 +18,9 @@ from clear_adapters.testing import tiny_finetuned_transformer, tiny_flux_fill_pi
     tiny_flux_transformer, tiny_test_image, write_reference_checkpoint
 from clear_adapters.weights import attention_layers, normalize_keys, read_adapter_file
 
+# the tiny pipelines run fastest on one thread on a loaded 2-core machine
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 EXACT = 1e-5
 IMAGE = tiny_test_image(64, seed=1)
 
@@ -26,14 +29,6 @@ IMAGE = tiny_test_image(64, seed=1)
 def adapter(tmp_path_factory):
     return write_reference_checkpoint(tmp_path_factory.mktemp("variants") / "clear.safetensors",
                                       tiny_flux_transformer(0), 4)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def generate(pipe, **kwargs):
