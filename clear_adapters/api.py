@@ -56,9 +56,13 @@ class ClearHandle:
     def config(self) -> ClearConfig:
         return self.spec.config
 
+    _final_kernel_calls: int = 0
+
     @property
     def kernel_calls(self) -> int:
         """CLEAR attention calls run so far in every target model (a cheap "is it active" probe)."""
+        if not self.active:
+            return self._final_kernel_calls
         return sum(install.context.kernel_calls for install in self._installs)
 
     def attention_flops(self, height: int, width: int, text_len: int = 512) -> dict:
@@ -82,7 +86,7 @@ class ClearHandle:
 
 # ---------------------------------------------------------------------------------------------- resolve
 def resolve(source: str | Path, *, window_size: float | None = None, down_factor: int | None = None,
-            revision: str | None = None, token=None, proportional_attention: bool = False,
+            revision: str | None = None, token=None, proportional_attention: bool | None = None,
             backend: str = "auto", download: bool = True) -> AdapterSpec:
     """Turn a registry name, a local file/directory or a Hub repo id into an :class:`AdapterSpec`.
 
@@ -93,7 +97,7 @@ def resolve(source: str | Path, *, window_size: float | None = None, down_factor
     if is_registry_name(source_str):
         entry = lookup(source_str)
         config = _make_config(entry.window_size, entry.down_factor, window_size, down_factor,
-                              proportional_attention, backend, source_str)
+                              bool(proportional_attention), backend, source_str)
         spec = AdapterSpec(source_str, config, repo_id=entry.repo_id, filename=entry.filename,
                            revision=revision or entry.revision, sha256=entry.sha256, base_model=entry.base_model,
                            registry_entry=entry)
@@ -102,6 +106,9 @@ def resolve(source: str | Path, *, window_size: float | None = None, down_factor
     elif path.suffix.lower() in weights.PICKLE_SUFFIXES:
         weights.check_safetensors_path(path)  # raises UnsafeFormatError before "not found"
         raise AdapterNotFoundError(str(path))
+    elif source_str.endswith((".safetensors", ".json")) or source_str.startswith(("/", ".", "~")) \
+            or source_str.count("/") > 1:
+        raise AdapterNotFoundError(f"no such file or directory: {path}")
     elif _REPO_ID.match(source_str) and not _looks_like_registry(source_str):
         spec = _resolve_repo(source_str, window_size, down_factor, revision, token, proportional_attention, backend)
     else:
@@ -139,6 +146,11 @@ def _make_config(known_window, known_down, window_size, down_factor, proportiona
     return ClearConfig(window, down, proportional_attention=proportional, backend=backend)
 
 
+def _choose(explicit, recorded):
+    """The caller's setting when given, else what the adapter recorded."""
+    return bool(recorded) if explicit is None else bool(explicit)
+
+
 def _read_config_file(path: Path) -> dict:
     from .artifact import read_config
 
@@ -172,7 +184,8 @@ def _resolve_local(path: Path, window_size, down_factor, proportional, backend) 
     if known_down is None and "down_factor" in header:
         known_down = int(header["down_factor"])
     config = _make_config(known_window, known_down, window_size, down_factor,
-                          config_data.get("proportional_attention", False) or proportional, backend, str(path))
+                          _choose(proportional, config_data.get("proportional_attention", False)), backend,
+                          str(path))
     return AdapterSpec(str(path), config, weights_path=weights_file, sha256=config_data.get("sha256"),
                        base_model=config_data.get("base_model"), metadata=config_data)
 
@@ -187,7 +200,8 @@ def _resolve_repo(repo_id, window_size, down_factor, revision, token, proportion
     commit = commit_of(config_path, CONFIG_NAME) or revision
     config_data = _read_config_file(config_path)
     config = _make_config(config_data.get("window_size"), config_data.get("down_factor"), window_size, down_factor,
-                          config_data.get("proportional_attention", False) or proportional, backend, repo_id)
+                          _choose(proportional, config_data.get("proportional_attention", False)), backend,
+                          repo_id)
     return AdapterSpec(repo_id, config, repo_id=repo_id, filename=config_data["weights"], revision=commit,
                        sha256=config_data.get("sha256"), base_model=config_data.get("base_model"),
                        metadata=config_data)
@@ -204,6 +218,7 @@ def _safetensors_metadata(path: Path) -> dict:
 def flux_models(pipe, *, controlnet: bool = True) -> list[tuple[str, torch.nn.Module]]:
     """(name, model) of every FLUX-attention model in ``pipe`` (or ``pipe`` itself if it is a model)."""
     if isinstance(pipe, torch.nn.Module):
+        pipe = getattr(pipe, "_orig_mod", pipe)  # torch.compile wrapper: install on the real module
         if not weights.attention_layers(pipe):
             raise IncompatibleModelError(f"{type(pipe).__name__} has no FLUX attention layers")
         return [("transformer", pipe)]
@@ -211,6 +226,7 @@ def flux_models(pipe, *, controlnet: bool = True) -> list[tuple[str, torch.nn.Mo
     if not isinstance(components, dict):
         raise IncompatibleModelError(f"{type(pipe).__name__} is neither a diffusers pipeline nor a model")
     transformer = components.get("transformer")
+    transformer = getattr(transformer, "_orig_mod", transformer)
     if transformer is None or not weights.attention_layers(transformer):
         kind = type(transformer).__name__ if transformer is not None else "none"
         raise IncompatibleModelError(
@@ -219,7 +235,8 @@ def flux_models(pipe, *, controlnet: bool = True) -> list[tuple[str, torch.nn.Mo
     found = [("transformer", transformer)]
     net = components.get("controlnet")
     if controlnet and net is not None:
-        nets = list(net.nets) if hasattr(net, "nets") else [net]
+        net = getattr(net, "_orig_mod", net)
+        nets = [getattr(n, "_orig_mod", n) for n in net.nets] if hasattr(net, "nets") else [net]
         for i, model in enumerate(nets):
             if any(model is m for _, m in found):  # one net used in two slots is converted once
                 continue
@@ -240,7 +257,7 @@ def _head_shape(model) -> tuple[int, int]:
 
 # ---------------------------------------------------------------------------------------------- load/unload
 def load(source: str | Path, pipe, *, window_size: float | None = None, down_factor: int | None = None,
-         revision: str | None = None, token=None, backend: str = "auto", proportional_attention: bool = False,
+         revision: str | None = None, token=None, backend: str = "auto", proportional_attention: bool | None = None,
          controlnet: bool = True, weight_mode: str | None = None, base=None) -> ClearHandle:
     """Install a CLEAR adapter into a FLUX pipeline (or a FLUX transformer); returns a :class:`ClearHandle`.
 
@@ -251,7 +268,8 @@ def load(source: str | Path, pipe, *, window_size: float | None = None, down_fac
         window_size, down_factor: the pattern, for files that do not record it.
         revision, token: Hub revision pin and credentials.
         backend: ``"auto"`` (tiled on CPU, flex on CUDA), ``"dense"``, ``"tiled"`` or ``"flex"``.
-        proportional_attention: the authors' high-resolution logit scale.
+        proportional_attention: the authors' high-resolution logit scale (default: as the adapter
+            records it, else off).
         controlnet: also convert ControlNets (their projections get the adapter's change w.r.t. the
             transformer, i.e. ``W_controlnet + (W_clear - W_transformer)``); ``False`` leaves them dense.
         weight_mode: ``"replace"`` writes the adapter's projections (what the paper did); ``"delta"``
@@ -291,12 +309,15 @@ def load(source: str | Path, pipe, *, window_size: float | None = None, down_fac
                                                        base=base_tensors))]
     # ControlNets were initialised from the base transformer: they get the adapter's change relative to
     # it. Only the tensors of the layers a ControlNet has are copied (a full FLUX copy would be 7 GB).
-    current = {name: p for name, p, _ in plans[0][2].writes}
+    # The transformer's own weights are that base, less any LoRA fused into them (which plan() re-adds
+    # on top of the adapter for the transformer, and which the ControlNet never had).
+    adapter_tensors = weights.normalize_keys(state_dict)
+    current = {name: (p, new) for name, p, new in plans[0][2].writes}
     for name, model in targets[1:]:
         layers = [n for n, _ in weights.attention_layers(model)]
         base = base_tensors if base_tensors is not None else {
-            key: current[key].detach().float().cpu() for key in current if key.rsplit(".attn.", 1)[0] + ".attn"
-            in layers}
+            key: p.detach().float().cpu() - (new.float() - adapter_tensors[key].float())
+            for key, (p, new) in current.items() if key.rsplit(".attn.", 1)[0] + ".attn" in layers}
         plans.append((name, model, weights.plan(model, state_dict, spec.config.down_factor, model_name=name,
                                                 layers=layers, base=base)))
     for name, model, _ in plans:
@@ -362,8 +383,17 @@ def _undo(handle: ClearHandle) -> None:
     for model in handle._models:
         if getattr(model, "_clear_handle", None) is handle:
             del model._clear_handle
+        for _, attn in weights.attention_layers(model):
+            if getattr(attn, "fused_projections", False):  # fused after loading: rebuild from restored q/k/v
+                attn.unfuse_projections()
+                attn.fuse_projections()
     if changed:
-        logger.info("unload kept changes made after loading (e.g. a fused LoRA) on %d tensors", changed)
+        logger.info("unload kept changes made to %d tensors after loading (a LoRA fused, a dtype change)", changed)
+    # drop every reference to the models and the saved weights: a kept handle must not pin gigabytes
+    handle._final_kernel_calls = handle.kernel_calls
+    handle._installs.clear()
+    handle._applied.clear()
+    handle._models.clear()
     handle.active = False
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, replace
 
 BACKENDS = ("auto", "dense", "tiled", "flex")
@@ -33,11 +34,12 @@ class ClearConfig:
     backend: str = "auto"
 
     def __post_init__(self) -> None:
-        if isinstance(self.window_size, bool) or not isinstance(self.window_size, (int, float)):
+        if isinstance(self.window_size, bool) or not isinstance(self.window_size, numbers.Real):
             raise ValueError(f"window_size must be a number of latent tokens, got {self.window_size!r}")
         if not (self.window_size > 0 and math.isfinite(self.window_size)):
             raise ValueError(f"window_size must be a finite number of tokens > 0, got {self.window_size}")
-        if isinstance(self.down_factor, bool) or not isinstance(self.down_factor, int) or self.down_factor < 1:
+        if isinstance(self.down_factor, bool) or not isinstance(self.down_factor, numbers.Integral) \
+                or self.down_factor < 1:
             raise ValueError(f"down_factor must be an integer >= 1, got {self.down_factor!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")

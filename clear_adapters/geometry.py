@@ -72,10 +72,18 @@ class Geometry:
             raise ValueError(f"img_ids must have shape (N, 3), got {tuple(img_ids.shape)}")
         if text_len < 0:
             raise ValueError(f"text_len must be >= 0, got {text_len}")
-        ids = img_ids[:, :3].detach().to("cpu", torch.float64).round().to(torch.int64)
+        raw = img_ids[:, :3].detach().to("cpu")
+        ids = raw.to(torch.float64).round().to(torch.int64)
         frames, rows, cols = ids.unbind(-1)
+        grids = _find_grids(frames, rows, cols)
+        if grids is None and raw.is_floating_point() and torch.finfo(raw.dtype).bits < 32:
+            # Pipelines build ids in the model dtype; bf16 cannot hold integers above 256 exactly, so a
+            # 4608 px wide image has repeated column ids. Recover the grid whose ids round to these.
+            grids = _recover_low_precision_grids(raw, frames)
+            if grids is not None:
+                rows, cols = _grid_coordinates(grids)
         return cls(text_len=int(text_len), rows=rows.contiguous(), cols=cols.contiguous(),
-                   frames=frames.contiguous(), grids=_find_grids(frames, rows, cols))
+                   frames=frames.contiguous(), grids=grids)
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -101,8 +109,8 @@ class Geometry:
     def require_grids(self, down_factor: int = 1) -> tuple[ImageGrid, ...]:
         """The grids, checking they exist and that ``down_factor`` divides each of them."""
         if self.grids is None:
-            raise ValueError("image tokens are not a union of row-major grids; only the dense and flex "
-                             "kernels with down_factor=1 handle such sequences")
+            raise ValueError("image tokens are not a union of row-major grids; only the dense kernel with "
+                             "down_factor=1 handles such sequences")
         for g in self.grids:
             if g.height % down_factor or g.width % down_factor:
                 raise ValueError(
@@ -132,9 +140,10 @@ class Geometry:
         qi = torch.arange(self.total_len) if query_index is None else query_index.cpu()
         ki = torch.arange(self.total_len) if key_index is None else key_index.cpu()
         q_img, k_img = is_image[qi], is_image[ki]
-        dy = row[qi][:, None] - row[ki][None, :]
-        dx = col[qi][:, None] - col[ki][None, :]
-        inside = (dy * dy + dx * dx).to(torch.float64) < float(config.window_size) ** 2
+        # int32 and in place: this is the one (Nq x Nk) temporary of the dense path
+        dist = (row[qi].int()[:, None] - row[ki].int()[None, :]).square_()
+        dist += (col[qi].int()[:, None] - col[ki].int()[None, :]).square_()
+        inside = dist < float(config.window_size) ** 2
         mask = ~q_img[:, None] | ~k_img[None, :] | inside
         pooled = self.pooled_len(config.down_factor)
         if pooled:
@@ -202,4 +211,36 @@ def _find_grids(frames: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) ->
         if not (torch.equal(r, expect_r) and torch.equal(c, expect_c)):
             return None
         grids.append(ImageGrid(int(frames[a]), height, width, row0, col0, a))
+    return tuple(grids)
+
+
+def _grid_coordinates(grids) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, cols = [], []
+    for g in grids:
+        rows.append((g.row0 + torch.arange(g.height)).repeat_interleave(g.width))
+        cols.append((g.col0 + torch.arange(g.width)).repeat(g.height))
+    return torch.cat(rows), torch.cat(cols)
+
+
+def _recover_low_precision_grids(raw: torch.Tensor, frames: torch.Tensor) -> tuple[ImageGrid, ...] | None:
+    """Grids whose exact ids, cast to ``raw.dtype``, equal ``raw`` (one per frame run), or None."""
+    n = raw.shape[0]
+    change = torch.nonzero(frames[1:] != frames[:-1]).flatten() + 1
+    bounds = [0, *change.tolist(), n]
+    grids = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        run = raw[a:b]
+        row0, col0 = int(run[0, 1].double().round()), int(run[0, 2].double().round())
+        length, found = b - a, None
+        for width in (w for w in range(1, length + 1) if length % w == 0):
+            height = length // width
+            exact_r = (row0 + torch.arange(height)).repeat_interleave(width).to(raw.dtype)
+            exact_c = (col0 + torch.arange(width)).repeat(height).to(raw.dtype)
+            if torch.equal(exact_r, run[:, 1]) and torch.equal(exact_c, run[:, 2]):
+                if found is not None:  # two grids round to the same ids: refuse to guess
+                    return None
+                found = ImageGrid(int(frames[a]), height, width, row0, col0, a)
+        if found is None:
+            return None
+        grids.append(found)
     return tuple(grids)

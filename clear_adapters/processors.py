@@ -223,7 +223,7 @@ def _keep_clear_hook(attn, args, kwargs):
     return None
 
 
-def _ids_hook_for(model, context: ModelContext):
+def _ids_hook_for(model):
     signature = inspect.signature(model.forward)
 
     def hook(module, args, kwargs):
@@ -232,7 +232,8 @@ def _ids_hook_for(model, context: ModelContext):
         if img_ids is None:
             raise ClearAdapterError(f"{type(module).__name__} was called without img_ids; CLEAR needs the token "
                                     "positions to build its window")
-        context.set_ids(img_ids)
+        # read the context off the module (not a closure) so a deep copy of the model uses its own
+        module._clear_context.set_ids(img_ids)
         return None
 
     return hook
@@ -254,6 +255,10 @@ def check_attachable(model, model_name: str = "model") -> None:
     from .weights import attention_layers
 
     for name, attn in attention_layers(model):
+        if getattr(attn, "fused_projections", False):
+            # the adapter's q/k/v would miss the fused to_qkv copy the processor reads
+            raise ClearAdapterError(f"{model_name}.{name} has fused QKV projections; call "
+                                    "unfuse_qkv_projections() on the model before loading CLEAR")
         if getattr(attn, "_clear_state", None) is not None:
             raise ClearAdapterError(f"{model_name}.{name} already has CLEAR installed; unload it first")
         if clear_twin(attn.processor) is None:
@@ -273,18 +278,23 @@ def attach(model, config: ClearConfig, spatial_weights: dict[str, torch.Tensor] 
     targets = [(n, a) for n, a in attention_layers(model) if layers is None or n in layers]
     context = ModelContext()
     install = ModelInstallation(model, context, {}, {})
-    install.hooks.append(model.register_forward_pre_hook(_ids_hook_for(model, context), with_kwargs=True))
-    for name, attn in targets:
-        weight = None
-        if spatial_weights is not None and name in spatial_weights:
-            sw = spatial_weights[name]
-            weight = torch.nn.Parameter(sw.detach().to(device=attn.to_q.weight.device, dtype=torch.float32).clone())
-        attn._clear_state = LayerState(config, context, weight, name)
-        install.original_processors[name] = attn.processor
-        twin = clear_twin(attn.processor)
-        attn.set_processor(twin)
-        install.installed_processors[name] = twin
-        install.hooks.append(attn.register_forward_pre_hook(_keep_clear_hook, with_kwargs=True))
+    model._clear_context = context
+    install.hooks.append(model.register_forward_pre_hook(_ids_hook_for(model), with_kwargs=True))
+    try:
+        for name, attn in targets:
+            weight = None
+            if spatial_weights is not None and name in spatial_weights:
+                sw = spatial_weights[name]
+                weight = torch.nn.Parameter(sw.detach().to(device=attn.to_q.weight.device, dtype=torch.float32))
+            install.original_processors[name] = attn.processor
+            attn._clear_state = LayerState(config, context, weight, name)
+            twin = clear_twin(attn.processor)
+            attn.set_processor(twin)
+            install.installed_processors[name] = twin
+            install.hooks.append(attn.register_forward_pre_hook(_keep_clear_hook, with_kwargs=True))
+    except BaseException:
+        detach(install)
+        raise
     return install
 
 
@@ -300,6 +310,11 @@ def detach(install: ModelInstallation) -> None:
         if attn is None:
             continue
         current = attn.processor
-        attn.set_processor(original if current is install.installed_processors[name] else stock_twin(current))
+        # an IP twin may carry a scale set since (set_ip_adapter_scale): convert it rather than go back
+        untouched = current is install.installed_processors.get(name) and \
+            not isinstance(current, ClearFluxIPAdapterAttnProcessor)
+        attn.set_processor(original if untouched else stock_twin(current))
         if hasattr(attn, "_clear_state"):
             del attn._clear_state
+    if getattr(install.model, "_clear_context", None) is install.context:
+        del install.model._clear_context

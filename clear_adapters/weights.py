@@ -205,8 +205,13 @@ def apply(weight_plan: WeightPlan) -> AppliedWeights:
     entries = []
     for _, param, value in weight_plan.writes:
         original = param.detach().to("cpu", copy=True)
-        param.copy_(value.to(device=param.device, dtype=param.dtype))
-        entries.append((param, original, _fingerprint(param), value))
+        try:
+            param.copy_(value.to(device=param.device, dtype=param.dtype))
+            entries.append((param, original, _fingerprint(param), value))
+        except BaseException:  # e.g. out of memory half-way: nothing may stay half-written
+            param.copy_(original.to(param.device))
+            restore(AppliedWeights(entries))
+            raise
     return AppliedWeights(entries)
 
 

@@ -18,7 +18,7 @@ import torch
 from ..config import ClearConfig
 from ..geometry import Geometry
 from .common import check_qkv, normalize_extra_mask
-from .dense import dense_attention
+from .dense import DEFAULT_CHUNK, dense_attention
 from .flex import block_efficiency, flex_attention_clear
 from .tiled import tiled_attention
 
@@ -86,7 +86,7 @@ def clear_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         raise ValueError("query_index must have one entry per query token")
     if key_index is not None and key_index.numel() != key.shape[2]:
         raise ValueError("key_index must have one entry per key token")
-    attention_mask = normalize_extra_mask(attention_mask, query.shape[2], key.shape[2])
+    attention_mask = normalize_extra_mask(attention_mask, query.shape[2], key.shape[2], query.shape[0])
     if scale is None:
         scale = config.softmax_scale(query.shape[-1], nq_full)
     partial = not (full_q and full_k)
@@ -95,8 +95,9 @@ def clear_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                            needs_grad=torch.is_grad_enabled() and query.requires_grad)
     common = dict(scale=scale, spatial_weight=spatial_weight, return_lse=return_lse)
     if name == "dense":
+        # chunked so the mask never exceeds DEFAULT_CHUNK x keys (dense is also the fallback of "auto")
         return dense_attention(query, key, value, geometry, config, attention_mask=attention_mask,
-                               query_index=query_index, key_index=key_index, **common)
+                               query_index=query_index, key_index=key_index, chunk_size=DEFAULT_CHUNK, **common)
     if partial:
         raise ValueError(f"backend {name!r} needs the full sequence (in any order); use 'dense' for partial ones")
     # Full sequences in another order: run in canonical order, then put the rows back.

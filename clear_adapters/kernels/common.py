@@ -48,12 +48,20 @@ def pad_extra_mask(extra: torch.Tensor | None, pooled: int) -> torch.Tensor | No
     return torch.cat([extra, cols], dim=-1)
 
 
-def normalize_extra_mask(mask: torch.Tensor | None, nq: int, nk: int) -> torch.Tensor | None:
-    """Bring a diffusers ``attention_mask`` to 4-D (B|1, H|1, Nq, Nk), checking the sequence sizes."""
+def normalize_extra_mask(mask: torch.Tensor | None, nq: int, nk: int, batch: int) -> torch.Tensor | None:
+    """Bring a diffusers ``attention_mask`` to 4-D (B|1, H|1, Nq, Nk), checking the sequence sizes.
+
+    As diffusers' native backend reads them: 2-D is (B, Nk) key padding when it has that shape, else
+    (Nq, Nk); 3-D is (B, Nq, Nk).
+    """
     if mask is None:
         return None
-    while mask.ndim < 4:
-        mask = mask.unsqueeze(0) if mask.ndim < 2 else mask.unsqueeze(1)
+    if mask.ndim == 1:
+        mask = mask[None, None, None]
+    elif mask.ndim == 2:
+        mask = mask[:, None, None] if tuple(mask.shape) == (batch, nk) else mask[None, None]
+    elif mask.ndim == 3:
+        mask = mask[:, None]
     if mask.shape[-1] != nk or mask.shape[-2] not in (1, nq):
         raise ValueError(f"attention_mask of shape {tuple(mask.shape)} does not match {nq} queries x {nk} keys")
     return mask
