@@ -1,5 +1,114 @@
-"""`clear-adapters` subcommands of the bench group."""
+"""`clear-adapters bench`: ``attention`` (full-attention SDPA vs CLEAR backends) and ``blocks``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+DEFAULT_SWEEP = "64x64,96x96,128x128,160x160,192x192"
 
 
 def register(subparsers) -> None:
     """Add this group's subcommands to the CLI."""
+    bench = subparsers.add_parser("bench", help="benchmark CLEAR attention against full attention",
+                                  description="Benchmarks measured in one process on this machine.")
+    sub = bench.add_subparsers(dest="bench_command", metavar="WHAT")
+    sub.required = True
+
+    p = sub.add_parser(
+        "attention", help="time full-attention SDPA and every CLEAR backend on one problem",
+        description="Times plain full attention (SDPA, no mask: the teacher) and every available CLEAR backend "
+                    "side by side (warm-up, repeats, median), after checking each CLEAR backend against the CLEAR "
+                    "dense reference on a slice of queries. Reports time, attention FLOPs, peak memory and "
+                    "speedups. With --json the last line printed is one JSON object with 'speedup' and "
+                    "'max_abs_error' of the device's default backend.")
+    p.add_argument("--tokens", default=None, metavar="HxW", help="image grid in latent tokens, e.g. 160x160")
+    p.add_argument("--window", type=float, required=True, metavar="R", help="window radius in tokens")
+    p.add_argument("--text", type=int, default=512, metavar="T", help="text tokens (default 512, as FLUX)")
+    p.add_argument("--heads", type=int, default=24, metavar="H", help="attention heads (default 24, as FLUX)")
+    p.add_argument("--head-dim", type=int, default=128, metavar="D", help="channels per head (default 128)")
+    p.add_argument("--down", type=int, default=1, metavar="F", help="K/V down-sampling factor (default 1)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--backend", action="append", default=None, metavar="NAME",
+                   help="backend(s) to time, repeatable or comma-separated: sdpa, dense, tiled, tiled-gather, flex, "
+                        "flex-row (default: sdpa, dense, tiled, flex, those that fit; the default CLEAR backend "
+                        "and sdpa are always included)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds; the median is reported (default 5)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls per backend (default 1)")
+    p.add_argument("--check-queries", type=int, default=1024,
+                   help="queries compared with the dense reference (default 1024)")
+    p.add_argument("--tolerance", type=float, default=None, help="max abs error allowed (default by dtype)")
+    p.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement (faster on CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sweep", nargs="?", const=DEFAULT_SWEEP, default=None, metavar="GRIDS",
+                   help=f"benchmark several grids (comma-separated, default {DEFAULT_SWEEP}) and write --out "
+                        "JSON and a log-log --plot PNG")
+    p.add_argument("--out", default="bench_attention.json", help="sweep results (JSON)")
+    p.add_argument("--plot", default="bench_attention.png", help="sweep plot (PNG, time vs tokens)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
+    p.set_defaults(func=cmd_attention)
+
+    p = sub.add_parser(
+        "blocks", help="block efficiency of the flex backend (row vs tile token order)",
+        description="Efficiency = allowed (query, key) pairs / pairs inside the blocks FlexAttention computes, "
+                    "counted on the BlockMask the flex backend builds. No attention is run and no N x N mask is "
+                    "built. With --json the last line is one JSON object with 'efficiency'.")
+    p.add_argument("--tokens", required=True, metavar="HxW")
+    p.add_argument("--window", type=float, required=True, metavar="R")
+    p.add_argument("--text", type=int, default=512, metavar="T")
+    p.add_argument("--block", type=int, default=128, metavar="B")
+    p.add_argument("--order", default="tile", choices=["row", "tile"],
+                   help="token order: tile (2-D tiles of one block, ours) or row (upstream); the other is shown beside")
+    p.add_argument("--down", type=int, default=1, metavar="F")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_blocks)
+
+
+def _backends(values):
+    if not values:
+        return None
+    return [name.strip() for value in values for name in value.split(",") if name.strip()]
+
+
+def cmd_attention(args) -> int:
+    from .. import bench
+
+    kwargs = dict(text=args.text, heads=args.heads, head_dim=args.head_dim, down=args.down, batch=args.batch,
+                  backends=_backends(args.backend), dtype=args.dtype, device=args.device, repeats=args.repeats,
+                  warmup=args.warmup, check_queries=args.check_queries, tolerance=args.tolerance,
+                  memory=not args.no_memory, seed=args.seed)
+    if args.sweep:
+        grids = [bench.parse_grid(g) for g in args.sweep.split(",") if g.strip()]
+        result = bench.sweep_attention(grids, args.window, **kwargs)
+        for point in result["points"]:
+            print(bench.format_attention(point), end="\n\n")
+        print(bench.format_sweep(result))
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
+        plot = bench.plot_sweep(result, args.plot)
+        print(f"wrote {out} and {plot}")
+        if args.json:
+            print(json.dumps(result))
+        return 0
+    if not args.tokens:
+        raise SystemExit("clear-adapters bench attention: --tokens HxW is required (or --sweep)")
+    result = bench.bench_attention(bench.parse_grid(args.tokens), args.window, **kwargs)
+    print(bench.format_attention(result))
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+def cmd_blocks(args) -> int:
+    from .. import bench
+
+    result = bench.bench_blocks(bench.parse_grid(args.tokens), args.window, text=args.text, block=args.block,
+                                order=args.order, down=args.down)
+    print(bench.format_blocks(result))
+    if args.json:
+        print(json.dumps(result))
+    return 0

@@ -7,14 +7,16 @@ tiles of exactly one block each (edge tiles padded with dummy tokens that nothin
 blocks are either fully inside the window or fully outside it. The permutation is undone on output.
 
 The BlockMask is built directly at block level — bounding boxes classify most block pairs as empty or
-full and only the uncertain ones are checked token by token — so no N x N mask is ever materialised.
-Everything is cached per (geometry, window, down factor, order, block size, device).
+full, the uncertain ones are settled exactly on row segments — so no N x N mask is ever materialised
+(256x256 tokens take milliseconds). The layout, its device-side gather indices and the BlockMask are
+cached per (geometry, window, down factor, order, block size, device).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 
 import torch
 
@@ -46,6 +48,17 @@ class FlexLayout:
     col: torch.Tensor
     q_len: int  # slots that hold queries (text + image + their dummies): pooled slots come last
     inverse: torch.Tensor  # (T + N,) slot of each canonical query token
+    device_cache: dict = field(default_factory=dict, repr=False)
+
+    def gather_indices(self, device, q_slots: int, n_tokens: int):
+        """(query slots, key slots, inverse) on ``device``: canonical -> flex order and back."""
+        key = (str(device), q_slots, n_tokens)
+        if key not in self.device_cache:
+            slots = self.slot_token.clamp(min=0)
+            # dummy and pooled query slots read the last token; their rows are dropped on output
+            self.device_cache[key] = (slots[:q_slots].clamp(max=n_tokens - 1).to(device), slots.to(device),
+                                      self.inverse.to(device))
+        return self.device_cache[key]
 
 
 def build_layout(geometry: Geometry, config: ClearConfig, order: str = "tile",
@@ -101,7 +114,7 @@ def _allowed(qk, qr, qc, kk, kr, kc, r2: float):
 
 
 def block_structure(layout: FlexLayout, config: ClearConfig, q_len: int | None = None):
-    """Block-level (partial, full) boolean matrices (nq_blocks, nkv_blocks) and true allowed count."""
+    """Block-level (partial, full) boolean matrices (nq_blocks, nkv_blocks), exact, without an N x N mask."""
     blk = layout.block
     q_len = layout.q_len if q_len is None else q_len
     nq, nk = math.ceil(q_len / blk), layout.kind.numel() // blk
@@ -112,7 +125,8 @@ def block_structure(layout: FlexLayout, config: ClearConfig, q_len: int | None =
             torch.cat([t, torch.full((n * blk - t.numel(),), DUMMY, dtype=t.dtype)]).view(n, blk)
 
     kind_q, kind_k = blocks(layout.kind, nq), blocks(layout.kind, nk)
-    row_q, row_k, col_q, col_k = blocks(layout.row, nq), blocks(layout.row, nk), blocks(layout.col, nq), blocks(layout.col, nk)
+    row_q, row_k = blocks(layout.row, nq), blocks(layout.row, nk)
+    col_q, col_k = blocks(layout.col, nq), blocks(layout.col, nk)
 
     def summary(kind, row, col):
         img = kind == IMAGE
@@ -140,11 +154,24 @@ def block_structure(layout: FlexLayout, config: ClearConfig, q_len: int | None =
     full_text = q_text_only[:, None] & ~(hk[DUMMY] | hk[POOLED])[None]
     full_image = q_image_only[:, None] & ~hk[DUMMY][None] & (~hk[IMAGE][None] | all_window)
     surely_full = (full_text | full_image) & maybe
-    # Exact check of the uncertain pairs, a batch of block pairs at a time
+    # Exact check of the uncertain pairs. Pairs of image-only blocks (the bulk) are decided on row
+    # segments: the nearest and farthest points of two runs of one row each are known in closed form.
+    # Blocks mixing kinds (a few at the text/pooled boundaries) are checked token by token.
     uncertain = torch.nonzero(maybe & ~surely_full)
     partial = torch.zeros(nq, nk, dtype=torch.bool)
     full = surely_full.clone()
-    for chunk in uncertain.split(256):
+    pure_q, pure_k = ~(hq[TEXT] | hq[POOLED]), ~(hk[TEXT] | hk[POOLED])
+    by_segments = pure_q[uncertain[:, 0]] & pure_k[uncertain[:, 1]]
+    seg_q, seg_k = _segments(kind_q, row_q, col_q), _segments(kind_k, row_k, col_k)
+    pairs = uncertain[by_segments]
+    step = max(1, (1 << 22) // (seg_q[0].shape[1] * seg_k[0].shape[1]))
+    for chunk in pairs.split(step):
+        i, j = chunk[:, 0], chunk[:, 1]
+        anyv, allv = _segment_pairs(seg_q, seg_k, i, j, r2)
+        allv &= ~hq[DUMMY][i] & ~hk[DUMMY][j]
+        partial[i[anyv & ~allv], j[anyv & ~allv]] = True
+        full[i[allv], j[allv]] = True
+    for chunk in uncertain[~by_segments].split(256):
         i, j = chunk[:, 0], chunk[:, 1]
         m = _allowed(kind_q[i][:, :, None], row_q[i][:, :, None], col_q[i][:, :, None],
                      kind_k[j][:, None, :], row_k[j][:, None, :], col_k[j][:, None, :], r2)
@@ -152,6 +179,36 @@ def block_structure(layout: FlexLayout, config: ClearConfig, q_len: int | None =
         partial[i[anyv & ~allv], j[anyv & ~allv]] = True
         full[i[allv], j[allv]] = True
     return partial, full
+
+
+def _segments(kind: torch.Tensor, row: torch.Tensor, col: torch.Tensor):
+    """Runs of consecutive image tokens on one row, per block: (row, first col, last col, valid), (n, S)."""
+    img = kind == IMAGE
+    prev_img = torch.cat([torch.zeros_like(img[:, :1]), img[:, :-1]], 1)
+    cont = prev_img & (row == torch.roll(row, 1, 1)) & (col == torch.roll(col, 1, 1) + 1)
+    start = img & ~cont
+    seg = torch.cumsum(start.long(), 1) - 1  # segment number of each token within its block
+    n, width = kind.shape[0], max(1, int(start.sum(1).max()) if start.numel() else 1)
+    seg = torch.where(img, seg, width)  # non-image tokens go to a spare column, dropped below
+    big = torch.iinfo(torch.int64).max // 4
+    first = torch.full((n, width + 1), big).scatter_reduce(1, seg, torch.where(img, col, big), "amin")
+    last = torch.full((n, width + 1), -big).scatter_reduce(1, seg, torch.where(img, col, -big), "amax")
+    rows = torch.zeros((n, width + 1), dtype=row.dtype).scatter(1, seg, torch.where(img, row, 0))
+    valid = torch.zeros((n, width + 1), dtype=torch.bool).scatter(1, seg, img)
+    return rows[:, :width], first[:, :width], last[:, :width], valid[:, :width]
+
+
+def _segment_pairs(seg_q, seg_k, i: torch.Tensor, j: torch.Tensor, r2: float):
+    """(any allowed, all allowed) between the image segments of query blocks ``i`` and key blocks ``j``."""
+    qr, qlo, qhi, qv = (t[i][:, :, None] for t in seg_q)
+    kr, klo, khi, kv = (t[j][:, None, :] for t in seg_k)
+    dr2 = (qr - kr) ** 2
+    near = torch.maximum(torch.maximum(klo - qhi, qlo - khi), torch.zeros_like(qlo))
+    far = torch.maximum((qhi - klo).abs(), (khi - qlo).abs())
+    valid = qv & kv
+    anyv = (valid & ((dr2 + near ** 2).double() < r2)).flatten(1).any(1)
+    allv = (~valid | ((dr2 + far ** 2).double() < r2)).flatten(1).all(1)
+    return anyv, allv & valid.flatten(1).any(1)
 
 
 def _ordered(dense: torch.Tensor):
@@ -188,15 +245,19 @@ def build_block_mask(geometry: Geometry, config: ClearConfig, device, order: str
 
 def block_efficiency(geometry: Geometry, config: ClearConfig, order: str = "tile",
                      block: int = DEFAULT_BLOCK) -> dict:
-    """True allowed entries / entries inside the blocks the flex kernel computes (CPU, no attention run)."""
-    layout = build_layout(geometry, config, order, block)
-    partial, full = block_structure(layout, config)
-    computed = int(partial.sum() + full.sum())
+    """True allowed entries / entries inside the blocks the flex kernel computes (CPU, no attention run).
+
+    The blocks are counted on the very BlockMask :func:`flex_attention_clear` runs with (partial blocks,
+    which evaluate the mask_mod, plus full ones); the true entries come from the geometry.
+    """
+    _, mask = build_block_mask(geometry, config, "cpu", order, block)
+    partial, full = int(mask.kv_num_blocks.sum()), int(mask.full_kv_num_blocks.sum())
+    computed = partial + full
     t, n = geometry.text_len, geometry.image_len
     true = t * (t + n) + n * t + geometry.window_pair_count(config.window_size) + \
         n * geometry.pooled_len(config.down_factor)
-    return {"order": order, "block": block, "computed_blocks": computed, "partial_blocks": int(partial.sum()),
-            "full_blocks": int(full.sum()), "true_entries": true,
+    return {"order": order, "block": block, "computed_blocks": computed, "partial_blocks": partial,
+            "full_blocks": full, "true_entries": true,
             "efficiency": true / (computed * block * block) if computed else 0.0}
 
 
@@ -204,27 +265,40 @@ def flex_attention_clear(query, key, value, geometry: Geometry, config: ClearCon
                          spatial_weight=None, return_lse: bool = False, order: str = "tile",
                          block: int = DEFAULT_BLOCK, compiled: bool | None = None):
     """CLEAR attention with FlexAttention over the full canonical sequence, (B, H, T + N, D)."""
-    from torch.nn.attention.flex_attention import flex_attention
-
     layout, mask = build_block_mask(geometry, config, query.device, order, block)
     if geometry.pooled_len(config.down_factor):
         pk, pv = pooled_kv(key, value, geometry, config.down_factor, spatial_weight)
         key, value = torch.cat([key, pk], dim=2), torch.cat([value, pv], dim=2)
-    slots = layout.slot_token.clamp(min=0).to(query.device)
-    q_slots = mask.seq_lengths[0]
-    # dummy slots read token 0; nothing attends them as keys and their query rows are dropped
-    q = query.index_select(2, slots[:q_slots].clamp(max=query.shape[2] - 1))
-    k, v = key.index_select(2, slots), value.index_select(2, slots)
-    fn = flex_attention
+    q_index, kv_index, inverse = layout.gather_indices(query.device, mask.seq_lengths[0], query.shape[2])
+    # dummy key slots read a real token but no mask entry ever allows them
+    q = query.index_select(2, q_index)
+    k, v = key.index_select(2, kv_index), value.index_select(2, kv_index)
     if compiled if compiled is not None else query.is_cuda:
         fn = _compiled_flex()
-    if return_lse:
-        out, lse = fn(q, k, v, block_mask=mask, scale=scale, return_lse=True)
     else:
-        out, lse = fn(q, k, v, block_mask=mask, scale=scale), None
-    inverse = layout.inverse.to(query.device)
-    out = out.index_select(2, inverse)
-    return (out, lse.index_select(2, inverse).float()) if return_lse else out
+        fn = _eager_flex
+    if not return_lse:
+        return fn(q, k, v, block_mask=mask, scale=scale).index_select(2, inverse)
+    out, lse = _flex_with_lse(fn, q, k, v, mask, scale)
+    return out.index_select(2, inverse), lse.index_select(2, inverse).float()
+
+
+def _eager_flex(*args, **kwargs):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    with warnings.catch_warnings():
+        # uncompiled is a deliberate choice here (CPU, tests, small inputs); torch warns on every call
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        return flex_attention(*args, **kwargs)
+
+
+def _flex_with_lse(fn, q, k, v, mask, scale):
+    try:  # torch >= 2.9 returns auxiliary outputs through AuxRequest; return_lse is deprecated there
+        from torch.nn.attention.flex_attention import AuxRequest
+    except ImportError:
+        return fn(q, k, v, block_mask=mask, scale=scale, return_lse=True)
+    out, aux = fn(q, k, v, block_mask=mask, scale=scale, return_aux=AuxRequest(lse=True))
+    return out, aux.lse
 
 
 _COMPILED = {}

@@ -1,12 +1,21 @@
 """The tiled kernel: exact CLEAR attention with time and memory linear in the number of image tokens.
 
-Image queries are cut into 2-D tiles. For each tile the kernel gathers the key rectangle its window
-can reach in every grid (clamped inside the grid so all rectangles have one size), the text keys and
-the pooled keys, and runs batched 4-D SDPA (the layout CPU SDPA has a fused kernel for). Tiles whose
-queries sit at the same offsets inside their rectangles share one geometric mask: interior tiles form
-one class, the tiles along the borders a few more. One SDPA call per class broadcasts that mask over
-tiles and heads instead of materialising a mask per tile. Text queries attend every text and image
-key with one plain SDPA call. Works on any device and is differentiable.
+Image queries are cut into 2-D tiles; each tile attends the key rectangle its window can reach
+(clamped inside the grid so all rectangles have one size) under one geometric mask that every tile at
+the same offsets shares: interior tiles form one class, border tiles a few more. Broadcasting that one
+mask over tiles and heads is about twice as fast on CPU as a mask per tile, and CPU SDPA has a fused
+kernel only for 4-D inputs, so every call is 4-D with tiles as the batch dimension. Two ways to feed it:
+
+* ``"strips"`` (CPU inference, the fast path). K and V under each column of tiles are copied once into
+  a contiguous strip as wide as the rectangles. Inside a strip every tile's rectangle is a run of whole
+  strip rows, so the tiles of a column become one overlapping strided *view*: no per-tile gather. The
+  window part runs through the fused CPU kernel, which also returns the log-sum-exp; the text and
+  pooled keys, which every image query attends, run as one unmasked call over all image queries; the
+  parts are merged exactly by log-sum-exp. That LSE output has no autograd formula, hence:
+* ``"gather"`` (any device, differentiable, caller masks). Each tile's rectangle, the text keys and
+  the pooled keys are gathered into one key set and attended in a single masked call per class.
+
+Text queries attend every text and image key with one plain SDPA call in both.
 """
 
 from __future__ import annotations
@@ -20,10 +29,296 @@ from ..config import ClearConfig
 from ..geometry import Geometry
 from .common import attend, merge_masks, pooled_kv
 
-#: gathered key elements (tiles x keys x heads x channels) per SDPA call; bounds the working memory
+#: gathered key elements (tiles x keys x heads x channels) per SDPA call in the gather path
 CHUNK_ELEMENTS = 1 << 24
 
+METHODS = ("auto", "strips", "gather")
+#: output elements per call of the strips path's text/pooled-key part (bounds its extra memory)
+GLOBAL_CHUNK_ELEMENTS = 1 << 21
 
+# Cost model of the strips path, in units of one (query, key, head) pair of full attention. The fused
+# CPU kernel splits a call's queries into blocks of 32 (64 from 192 queries on) and runs two small
+# GEMMs per block and 512 keys: the more queries share a rectangle, the better those GEMMs run, but the
+# larger the rectangle (the wasted pairs) grows. Pair cost relative to full attention by queries per
+# tile, measured inside strips on the 2-core AMD EPYC of the CI (torch 2.13, fp32, head_dim 64):
+_PAIR_COST = ((16, 2.1), (32, 1.44), (48, 1.44), (64, 1.33), (128, 1.25), (192, 1.12), (256, 1.1), (768, 1.02))
+_STRIP_COPY_PAIRS = 40.0  # copying one K+V row into a strip, per head
+_CALL_PAIRS = 20000.0  # Python + dispatch overhead of one kernel call, per head
+_TILE_SIDES = (2, 3, 4, 6, 8, 12, 16, 24, 32)
+
+
+def _pair_cost(queries: int) -> float:
+    points = _PAIR_COST
+    if queries <= points[0][0]:
+        return points[0][1] * points[0][0] / max(queries, 1)  # blocks mostly empty: cost per query grows
+    for (q0, c0), (q1, c1) in zip(points, points[1:]):
+        if queries <= q1:
+            t = math.log(queries / q0) / math.log(q1 / q0)
+            return c0 + t * (c1 - c0)
+    return points[-1][1]
+
+
+# ============================================================================ strips (CPU fast path)
+@dataclass(frozen=True)
+class _Group:
+    """``n`` consecutive tiles of one strip whose rectangles start one tile height apart."""
+
+    y0: int  # first query row (grid-local)
+    n: int
+    rows: int  # query rows per tile (== tile height except in a last partial tile row)
+    key_row0: int  # first strip row of the first tile's rectangle
+    signature: tuple  # (rows, cols, dy, dx, rect_h, rect_w): fixes the shared mask
+
+
+@dataclass
+class _Strip:
+    """One column of query tiles of grid ``q_grid`` against the key strip cut from grid ``k_grid``."""
+
+    q_grid: int
+    k_grid: int
+    x0: int  # first query column (grid-local)
+    cols: int  # query columns
+    key_col0: int  # first key column of the strip (grid-local in k_grid)
+    rect_h: int
+    rect_w: int
+    groups: list
+
+
+@dataclass
+class StripPlan:
+    """Strips, groups and masks of one geometry, window and tile shape (cached per geometry)."""
+
+    tile_shape: tuple[int, int]
+    strips: list  # same-grid strips first: they cover every image query once
+    masks: dict  # signature -> (allowed (Q, K) bool, rows without any key (Q,) bool)
+    device_cache: dict
+
+    @property
+    def calls(self) -> int:
+        return sum(len(s.groups) for s in self.strips)
+
+
+def _window_mask(signature: tuple, r2: float) -> torch.Tensor:
+    rows, cols, dy, dx, rect_h, rect_w = signature
+    qy = torch.arange(rows).repeat_interleave(cols) + dy
+    qx = torch.arange(cols).repeat(rows) + dx
+    ky = torch.arange(rect_h).repeat_interleave(rect_w)
+    kx = torch.arange(rect_w).repeat(rect_h)
+    dist = (qy[:, None] - ky[None, :]) ** 2 + (qx[:, None] - kx[None, :]) ** 2
+    return dist.to(torch.float64) < r2
+
+
+def _clamp(v: int, lo: int, hi: int) -> int:
+    return max(lo, min(v, hi))
+
+
+def build_strip_plan(geometry: Geometry, config: ClearConfig, tile_shape: tuple[int, int] | None = None) -> StripPlan:
+    """Strips and mask classes of the strips path for ``geometry`` (cached in ``geometry.cache``)."""
+    tile_shape = tuple(tile_shape or choose_tile_shape(geometry, config, method="strips"))
+    cache_key = ("tiled-strips", float(config.window_size), config.down_factor, tile_shape)
+    if cache_key in geometry.cache:
+        return geometry.cache[cache_key]
+    grids = geometry.require_grids(config.down_factor)
+    th, tw = tile_shape
+    halo, r2 = config.halo, float(config.window_size) ** 2
+    masks: dict = {}
+
+    def mask_of(signature):
+        if signature not in masks:
+            allowed = _window_mask(signature, r2)
+            masks[signature] = (allowed, ~allowed.any(1))
+        return masks[signature]
+
+    same, cross = [], []
+    for qi, g in enumerate(grids):
+        for ki, h in enumerate(grids):
+            rect_h, rect_w = min(th + 2 * halo, h.height), min(tw + 2 * halo, h.width)
+            for x0 in range(0, g.width, tw):
+                cols = min(tw, g.width - x0)
+                abs_x0 = g.col0 + x0
+                key_col0 = _clamp(abs_x0 - halo - h.col0, 0, h.width - rect_w)
+                dx = abs_x0 - (h.col0 + key_col0)
+                groups: list[_Group] = []
+                for y0 in range(0, g.height, th):
+                    rows = min(th, g.height - y0)
+                    abs_y0 = g.row0 + y0
+                    key_row0 = _clamp(abs_y0 - halo - h.row0, 0, h.height - rect_h)
+                    signature = (rows, cols, abs_y0 - (h.row0 + key_row0), dx, rect_h, rect_w)
+                    if not bool(mask_of(signature)[0].any()):
+                        continue  # a tile of another grid that reaches nothing in this one
+                    last = groups[-1] if groups else None
+                    if last is not None and last.signature == signature and last.y0 + last.n * th == y0 \
+                            and key_row0 - last.key_row0 == last.n * th:
+                        groups[-1] = _Group(last.y0, last.n + 1, rows, last.key_row0, signature)
+                    else:
+                        groups.append(_Group(y0, 1, rows, key_row0, signature))
+                if groups:
+                    (same if qi == ki else cross).append(
+                        _Strip(qi, ki, x0, cols, key_col0, rect_h, rect_w, groups))
+    plan = StripPlan(tile_shape, same + cross, masks, {})
+    geometry.cache[cache_key] = plan
+    return plan
+
+
+def _strip_mask(plan: StripPlan, signature: tuple, dtype: torch.dtype, device: torch.device):
+    """Additive mask (or None when nothing is masked) and the empty-row flags, cached per dtype/device."""
+    key = (signature, dtype, str(device))
+    if key not in plan.device_cache:
+        allowed, empty = plan.masks[signature]
+        additive = None if bool(allowed.all()) else \
+            torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, float("-inf")).to(device)
+        plan.device_cache[key] = (additive, empty.to(device) if bool(empty.any()) else None)
+    return plan.device_cache[key]
+
+
+def _merge_into(out: torch.Tensor, lse: torch.Tensor, part_out: torch.Tensor, part_lse: torch.Tensor) -> None:
+    """Fold an attention result over other keys into (out, lse), in place, exactly."""
+    total = torch.logaddexp(lse, part_lse)
+    out.mul_(torch.exp(lse - total).unsqueeze(-1).to(out.dtype))
+    out.addcmul_(part_out, torch.exp(part_lse - total).unsqueeze(-1).to(out.dtype))
+    lse.copy_(total)
+
+
+@dataclass
+class _Cut:
+    """A contiguous strip of grid columns and the strides of one strip row, one head, one token."""
+
+    data: torch.Tensor
+    row_stride: int
+    head_stride: int
+    token_stride: int
+    bh: int
+    dim: int
+
+    def tiles(self, tiles: int, first_row: int, tile_rows: int, tokens: int) -> torch.Tensor:
+        """(tiles, B*H, tokens, D) view; tile ``i`` starts ``first_row + i * tile_rows`` strip rows down.
+
+        Tiles overlap where their rectangles share rows; the kernel only reads them.
+        """
+        return self.data.as_strided(
+            (tiles, self.bh, tokens, self.dim), (tile_rows * self.row_stride, self.head_stride, self.token_stride, 1),
+            # .contiguous() may return a view into the caller's tensor, so offsets are relative to it
+            self.data.storage_offset() + first_row * self.row_stride)
+
+
+class _StripCutter:
+    """Copies column ranges of a grid's Q/K/V into contiguous strips.
+
+    A strip keeps the memory order of its source so the copy moves whole rows: token-major
+    (tokens, B, H, D) for diffusers' projections (``(B, N, H, D).transpose(1, 2)``), head-major
+    (B, H, tokens, D) for contiguous (B, H, N, D) tensors.
+    """
+
+    def __init__(self, tensor: torch.Tensor, text: int):
+        batch, heads, _, dim = tensor.shape
+        self.token_major = tensor.stride(1) < tensor.stride(2)
+        self.source = tensor.permute(2, 0, 1, 3) if self.token_major else tensor
+        self.text, self.bh, self.dim = text, batch * heads, dim
+        # one buffer reused by every strip: a fresh multi-MB allocation per strip costs page faults
+        self.buffer = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+
+    def cut(self, grid, col0: int, cols: int) -> _Cut:
+        a, b = self.text + grid.start, self.text + grid.start + grid.size
+        bh, dim = self.bh, self.dim
+        if self.token_major:
+            src = self.source[a:b].unflatten(0, (grid.height, grid.width))[:, col0:col0 + cols]
+            strides = (cols * bh * dim, dim, bh * dim)
+        else:
+            src = self.source[:, :, a:b].unflatten(2, (grid.height, grid.width))[:, :, :, col0:col0 + cols]
+            strides = (cols * dim, grid.height * cols * dim, dim)
+        if self.buffer.numel() < src.numel():
+            self.buffer = torch.empty(src.numel(), dtype=src.dtype, device=src.device)
+        strip = self.buffer[:src.numel()].view(src.shape)
+        strip.copy_(src)
+        return _Cut(strip, *strides, bh, dim)
+
+
+def strips_supported(query: torch.Tensor, attention_mask=None, needs_grad: bool = False) -> bool:
+    """Whether the strips path can run: CPU, no caller mask, no gradient needed."""
+    return query.device.type == "cpu" and attention_mask is None and not needs_grad
+
+
+def _strips_attention(query, key, value, geometry: Geometry, config: ClearConfig, *, scale: float,
+                      spatial_weight=None, return_lse: bool = False, tile_shape=None):
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    plan = build_strip_plan(geometry, config, tile_shape)
+    grids = geometry.require_grids(config.down_factor)
+    th = plan.tile_shape[0]
+    batch, heads, _, dim = query.shape
+    bh = batch * heads
+    text, n_img = geometry.text_len, geometry.image_len
+    # the fused kernel reads rows through strides but needs unit stride along channels
+    query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
+    reduced = query.dtype in (torch.float16, torch.bfloat16)
+    acc_dtype = torch.float32 if reduced else query.dtype
+    mask_dtype = torch.promote_types(query.dtype, torch.float32)
+
+    out = torch.empty(text + n_img, batch, heads, dim, dtype=query.dtype)
+    img_out = out[text:] if not reduced else torch.empty(n_img, batch, heads, dim, dtype=acc_dtype)
+    img_lse = torch.empty(n_img, bh, dtype=torch.promote_types(acc_dtype, torch.float32))
+    img_out_bh = img_out.view(n_img, bh, dim)
+    q_cut, k_cut, v_cut = (_StripCutter(t, text) for t in (query, key, value))
+
+    def out_view(t, g):
+        return t[g.start:g.start + g.size].unflatten(0, (g.height, g.width))
+
+    q_strip = q_key = None
+    for strip in plan.strips:
+        g, h = grids[strip.q_grid], grids[strip.k_grid]
+        if q_key != (strip.q_grid, strip.x0):
+            q_key, q_strip = (strip.q_grid, strip.x0), q_cut.cut(g, strip.x0, strip.cols)
+        k_strip = k_cut.cut(h, strip.key_col0, strip.rect_w)
+        v_strip = v_cut.cut(h, strip.key_col0, strip.rect_w)
+        rect = strip.rect_h * strip.rect_w
+        out_grid, lse_grid = out_view(img_out_bh, g), out_view(img_lse, g)
+        qcols = slice(strip.x0, strip.x0 + strip.cols)
+        for grp in strip.groups:
+            qv = q_strip.tiles(grp.n, grp.y0, th, grp.rows * strip.cols)
+            kv = k_strip.tiles(grp.n, grp.key_row0, th, rect)
+            vv = v_strip.tiles(grp.n, grp.key_row0, th, rect)
+            mask, empty = _strip_mask(plan, grp.signature, mask_dtype, query.device)
+            part, part_lse = flash(qv, kv, vv, 0.0, False, attn_mask=mask, scale=scale)
+            if empty is not None:  # the kernel reports lse 0 for rows that saw no key
+                part_lse = part_lse.masked_fill(empty, float("-inf"))
+            rows = slice(grp.y0, grp.y0 + grp.n * grp.rows)
+            part = part.transpose(1, 2).reshape(grp.n * grp.rows, strip.cols, bh, dim)
+            part_lse = part_lse.transpose(1, 2).reshape(grp.n * grp.rows, strip.cols, bh)
+            if strip.q_grid == strip.k_grid:  # same-grid strips come first and cover each query once
+                out_grid[rows, qcols].copy_(part)
+                lse_grid[rows, qcols].copy_(part_lse)
+            else:
+                _merge_into(out_grid[rows, qcols], lse_grid[rows, qcols], part, part_lse)
+
+    # text and pooled keys: every image query attends all of them, so no mask and one call
+    global_k, global_v = key[:, :, :text], value[:, :, :text]
+    if geometry.pooled_len(config.down_factor):
+        pk, pv = pooled_kv(key, value, geometry, config.down_factor, spatial_weight)
+        global_k, global_v = torch.cat([global_k, pk], dim=2), torch.cat([global_v, pv], dim=2)
+    if global_k.shape[2]:
+        # in slices of image queries, so the partial result never needs a second full-size buffer
+        lse_bh = img_lse.view(n_img, batch, heads)
+        step = max(1, GLOBAL_CHUNK_ELEMENTS // (bh * max(dim, global_k.shape[2])))
+        for a in range(0, n_img, step):
+            b = min(n_img, a + step)
+            part, part_lse = flash(query[:, :, text + a:text + b], global_k, global_v, 0.0, False, scale=scale)
+            _merge_into(img_out[a:b], lse_bh[a:b], part.permute(2, 0, 1, 3), part_lse.permute(2, 0, 1))
+    if reduced:
+        out[text:].copy_(img_out)
+    lse = None
+    if text:
+        res = flash(query[:, :, :text], key[:, :, :text + n_img], value[:, :, :text + n_img], 0.0, False,
+                    scale=scale)
+        out[:text].copy_(res[0].permute(2, 0, 1, 3))
+        if return_lse:
+            lse = torch.cat([res[1].permute(2, 0, 1).to(img_lse.dtype), img_lse.view(n_img, batch, heads)])
+    result = out.permute(1, 2, 0, 3)
+    if not return_lse:
+        return result
+    lse = img_lse.view(n_img, batch, heads) if lse is None else lse
+    return result, lse.permute(1, 2, 0).float()
+
+
+# ============================================================================ gather (any device)
 @dataclass
 class _TileClass:
     tiles: torch.Tensor  # (n,) tile numbers in this class
@@ -46,34 +341,49 @@ class TilePlan:
         return int(self.key_index.shape[1])
 
 
-def choose_tile_shape(geometry: Geometry, config: ClearConfig) -> tuple[int, int]:
-    """A tile shape that keeps the gathered rectangle small relative to the window.
+def choose_tile_shape(geometry: Geometry, config: ClearConfig, method: str = "gather") -> tuple[int, int]:
+    """The tile shape (rows, cols) the cost model of ``method`` ranks cheapest for this geometry.
 
-    Cost model (measured on CPU SDPA): per tile, ``Q * K`` multiply-adds plus a fixed overhead of
-    about 2 K-sized rows; small tiles waste little of the rectangle, large ones amortise overhead.
+    Larger tiles run the fused kernel more efficiently but attend a larger rectangle per query; the
+    strips path also pays for copying K/V strips (wider tiles need fewer copies) and per call.
     """
+    key = ("tiled-shape", method, float(config.window_size), config.down_factor)
+    if key in geometry.cache:
+        return geometry.cache[key]
     grids = geometry.require_grids(config.down_factor)
     halo = config.halo
     extra = geometry.text_len + geometry.pooled_len(config.down_factor)
+    max_h, max_w = max(g.height for g in grids), max(g.width for g in grids)
     best, best_cost = (1, 1), math.inf
-    max_h = max(g.height for g in grids)
-    max_w = max(g.width for g in grids)
-    for th in (4, 8, 12, 16, 24, 32, 48, 64):
-        for tw in (4, 8, 12, 16, 24, 32, 48, 64):
+    for th in _TILE_SIDES:
+        for tw in _TILE_SIDES:
             th_, tw_ = min(th, max_h), min(tw, max_w)
             cost = 0.0
             for g in grids:
-                tiles = math.ceil(g.height / th_) * math.ceil(g.width / tw_)
-                keys = extra + sum(min(th_ + 2 * halo, h.height) * min(tw_ + 2 * halo, h.width) for h in grids)
-                cost += tiles * (th_ * tw_ + 48) * keys
+                rows = [(th_, g.height // th_)] + ([(g.height % th_, 1)] if g.height % th_ else [])
+                cols = [(tw_, g.width // tw_)] + ([(g.width % tw_, 1)] if g.width % tw_ else [])
+                for h in grids:
+                    rect_h, rect_w = min(th_ + 2 * halo, h.height), min(tw_ + 2 * halo, h.width)
+                    for vh, ny in rows:
+                        for vw, nx in cols:
+                            q = vh * vw
+                            if method == "strips":
+                                cost += ny * nx * q * rect_h * rect_w * _pair_cost(q)
+                            else:  # gathered tiles are padded to full size and carry the text keys
+                                cost += ny * nx * (th_ * tw_ + 48) * (rect_h * rect_w + extra / len(grids))
+                    if method == "strips":
+                        strips = math.ceil(g.width / tw_)
+                        cost += strips * h.height * rect_w * _STRIP_COPY_PAIRS
+                        cost += strips * min(3, math.ceil(g.height / th_)) * _CALL_PAIRS
             if cost < best_cost:
                 best, best_cost = (th_, tw_), cost
+    geometry.cache[key] = best
     return best
 
 
 def build_plan(geometry: Geometry, config: ClearConfig, tile_shape: tuple[int, int] | None = None) -> TilePlan:
-    """Gather indices and mask classes for ``geometry`` (cached in ``geometry.cache``)."""
-    tile_shape = tile_shape or choose_tile_shape(geometry, config)
+    """Gather indices and mask classes of the gather path for ``geometry`` (cached in ``geometry.cache``)."""
+    tile_shape = tuple(tile_shape or choose_tile_shape(geometry, config, method="gather"))
     cache_key = ("tiled", float(config.window_size), config.down_factor, tile_shape)
     if cache_key in geometry.cache:
         return geometry.cache[cache_key]
@@ -154,8 +464,33 @@ def _on(plan: TilePlan, name: str, tensor: torch.Tensor, device: torch.device) -
 
 def tiled_attention(query, key, value, geometry: Geometry, config: ClearConfig, *, scale: float,
                     spatial_weight=None, attention_mask=None, return_lse: bool = False,
-                    tile_shape: tuple[int, int] | None = None):
-    """CLEAR attention over the full canonical sequence, (B, H, T + N, D) in and out."""
+                    tile_shape: tuple[int, int] | None = None, method: str = "auto"):
+    """CLEAR attention over the full canonical sequence, (B, H, T + N, D) in and out.
+
+    ``method="auto"`` takes the strips path on CPU when no gradient and no caller mask is involved,
+    the gather path otherwise (see the module docstring); both are exact. The result may be a
+    non-contiguous view (token-major memory), as SDPA's own output is.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if geometry.image_len == 0:  # text only: plain attention, nothing to tile
+        return attend(query, key, value, attention_mask, scale, return_lse)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (query, key, value, spatial_weight))
+    if method == "auto":
+        method = "strips" if strips_supported(query, attention_mask, needs_grad) else "gather"
+    if method == "strips":
+        if not strips_supported(query, attention_mask, needs_grad):
+            raise ValueError("the strips path needs CPU tensors, no attention_mask and no gradient; "
+                             "use method='gather'")
+        return _strips_attention(query, key, value, geometry, config, scale=scale, spatial_weight=spatial_weight,
+                                 return_lse=return_lse, tile_shape=tile_shape)
+    return _gather_attention(query, key, value, geometry, config, scale=scale, spatial_weight=spatial_weight,
+                             attention_mask=attention_mask, return_lse=return_lse, tile_shape=tile_shape)
+
+
+def _gather_attention(query, key, value, geometry: Geometry, config: ClearConfig, *, scale: float,
+                      spatial_weight=None, attention_mask=None, return_lse: bool = False, tile_shape=None):
     plan = build_plan(geometry, config, tile_shape)
     batch, heads, _, dim = query.shape
     text, n_img = geometry.text_len, geometry.image_len
@@ -166,9 +501,10 @@ def tiled_attention(query, key, value, geometry: Geometry, config: ClearConfig, 
     else:
         key_all, value_all = key, value
 
-    # token-major (B, N, H, D): a gather along tokens then copies whole H x D rows
-    q_tok = query.transpose(1, 2)
-    k_tok, v_tok = key_all.transpose(1, 2), value_all.transpose(1, 2)
+    # token-major (B, N, H, D), made contiguous once: index_select on a strided view would copy the
+    # whole tensor again on every call
+    q_tok = query.transpose(1, 2).contiguous()
+    k_tok, v_tok = key_all.transpose(1, 2).contiguous(), value_all.transpose(1, 2).contiguous()
 
     outs, lses = [], []
     if text:
