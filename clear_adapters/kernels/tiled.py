@@ -234,8 +234,10 @@ class _StripCutter:
 
 
 def strips_supported(query: torch.Tensor, attention_mask=None, needs_grad: bool = False) -> bool:
-    """Whether the strips path can run: CPU, no caller mask, no gradient needed."""
-    return query.device.type == "cpu" and attention_mask is None and not needs_grad
+    """Whether the strips path can run: CPU, no caller mask, no gradient needed, and a torch that has
+    the fused CPU kernel returning log-sum-exp (a private op: fall back to the gather path without it)."""
+    return query.device.type == "cpu" and attention_mask is None and not needs_grad and \
+        hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 
 
 def _strips_attention(query, key, value, geometry: Geometry, config: ClearConfig, *, scale: float,
