@@ -45,20 +45,7 @@ def load_base_tensors(base, keys: list[str], *, subfolder: str = "transformer", 
 def _read_keys(keys, locate, where: str) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
-    try:
-        index = json.loads(Path(locate(INDEX_NAME)).read_text())["weight_map"]
-    except (FileNotFoundError, OSError, KeyError, LookupError):
-        index = None
-    except Exception as exc:  # a Hub error for a missing index means: not sharded
-        if type(exc).__name__ not in ("AdapterNotFoundError",):
-            raise
-        index = None
-    by_file: dict[str, list[str]] = {}
-    for key in keys:
-        shard = WEIGHTS_NAME if index is None else index.get(key)
-        if shard is None:
-            raise IncompatibleModelError(f"the base model at {where} has no tensor {key}; is it a FLUX transformer?")
-        by_file.setdefault(shard, []).append(key)
+    by_file = _group_by_shard(keys, _read_index(locate), where)
     out = {}
     for shard, wanted in by_file.items():
         file = check_safetensors_path(locate(shard))
@@ -67,6 +54,24 @@ def _read_keys(keys, locate, where: str) -> dict[str, torch.Tensor]:
             for key in wanted:
                 out[key] = _need_key(fh, available, key, where).float()
     return out
+
+
+def _read_index(locate) -> dict | None:
+    """The key -> shard file map of a sharded checkpoint, or None when it is one unsharded file."""
+    try:
+        return json.loads(Path(locate(INDEX_NAME)).read_text())["weight_map"]
+    except (OSError, LookupError):  # no index file (locally or on the Hub: AdapterNotFoundError)
+        return None
+
+
+def _group_by_shard(keys, index: dict | None, where: str) -> dict[str, list[str]]:
+    by_file: dict[str, list[str]] = {}
+    for key in keys:
+        shard = WEIGHTS_NAME if index is None else index.get(key)
+        if shard is None:
+            raise IncompatibleModelError(f"the base model at {where} has no tensor {key}; is it a FLUX transformer?")
+        by_file.setdefault(shard, []).append(key)
+    return by_file
 
 
 def _need(tensors, key, where):
@@ -102,17 +107,10 @@ def _read_keys_remote(repo_id: str, keys, subfolder: str, revision, token, locat
     if constants.HF_HUB_OFFLINE:
         return None
     try:
-        index = json.loads(Path(locate(INDEX_NAME)).read_text())["weight_map"]
-    except Exception as exc:  # noqa: BLE001 - a missing index means: one unsharded file
-        if type(exc).__name__ not in ("AdapterNotFoundError", "FileNotFoundError"):
-            return None
-        index = None
-    by_file: dict[str, list[str]] = {}
-    for key in keys:
-        shard = WEIGHTS_NAME if index is None else index.get(key)
-        if shard is None:
-            raise IncompatibleModelError(f"the base model at {repo_id} has no tensor {key}; is it a FLUX transformer?")
-        by_file.setdefault(shard, []).append(key)
+        index = _read_index(locate)
+    except Exception:  # noqa: BLE001 - the Hub is unreachable: let the caller try the plain path
+        return None
+    by_file = _group_by_shard(keys, index, repo_id)
     out: dict[str, torch.Tensor] = {}
     fetched = requests = 0
     for shard, wanted in by_file.items():
