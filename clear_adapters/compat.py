@@ -311,6 +311,20 @@ class CaseRunner:
 
         api.unload(self.setup.pipe)
 
+    def generate_after_removing_plugin(self, remove_plugin, **overrides) -> tuple[torch.Tensor, bool]:
+        """With CLEAR loaded, call ``remove_plugin()`` then generate; returns (image, CLEAR still ran).
+
+        CLEAR is unloaded again afterwards, whatever happens.
+        """
+        handle = self.load_clear()
+        try:
+            remove_plugin()
+            before = handle.kernel_calls
+            image = self.generate(**overrides)
+            return image, handle.kernel_calls > before
+        finally:
+            self.unload()
+
     def _install(self, install):
         if self.setup.install_clear is not None:
             return self.setup.install_clear(self.setup.pipe, install)

@@ -69,16 +69,7 @@ def _scale_zero(pipe, scale: float):
 def _unload_ip_keeps_clear(pipe):
     """With CLEAR loaded, ``unload_ip_adapter`` keeps CLEAR and equals the scale-0 run (no IP at all)."""
     def checks(runner):
-        from clear_adapters import api
-
-        handle = runner.load_clear()
-        try:
-            pipe.unload_ip_adapter()
-            before = handle.kernel_calls
-            image = runner.generate(ip_adapter_image=None)
-            active = handle.kernel_calls > before
-        finally:
-            api.unload(pipe)
+        image, active = runner.generate_after_removing_plugin(pipe.unload_ip_adapter, ip_adapter_image=None)
         full = runner.generate(ip_adapter_image=None)
         return {"unload_ip_keeps_clear": active,
                 "scale0_equals_no_ip_with_clear": max_difference(image, runner.images["off_clear"]) <= 1e-5,

@@ -78,16 +78,7 @@ def _teardown(ctx, pipe):
 def _unload_lora_keeps_clear(pipe):
     """After the standard run: with CLEAR loaded, ``unload_lora_weights`` gives CLEAR without the LoRA."""
     def checks(runner):
-        from clear_adapters import api
-
-        handle = runner.load_clear()
-        try:
-            pipe.unload_lora_weights()
-            before = handle.kernel_calls
-            image = runner.generate()
-            active = handle.kernel_calls > before
-        finally:
-            api.unload(pipe)
+        image, active = runner.generate_after_removing_plugin(pipe.unload_lora_weights)
         return {"unload_lora_keeps_clear": active and max_difference(image, runner.images["off_clear"]) <= 1e-5}
     return checks
 
