@@ -156,18 +156,26 @@ def commit_of(path: str | Path, filename: str) -> str | None:
     return None
 
 
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
+def _hash_file(digest, path: str | Path) -> str:
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
 
 
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    return _hash_file(hashlib.sha256(), path)
+
+
 def git_blob_sha1(data: bytes) -> str:
     """The git object id of ``data`` (what the Hub reports as a regular file's oid / ETag)."""
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def git_file_sha1(path: str | Path) -> str:
+    """:func:`git_blob_sha1` of a file, without reading it into memory at once."""
+    return _hash_file(hashlib.sha1(b"blob %d\0" % Path(path).stat().st_size), path)
 
 
 def verify_sha256(path: str | Path, expected: str, *, evict: bool = False) -> None:

@@ -366,18 +366,10 @@ def _same(sibling, git_sha1: str | None, sha256: str | None, local_path: Path) -
             return False  # small files are sent as regular files; an LFS copy means it changed form
         return remote_sha == sha256
     if git_sha1 is None:  # a weights file the Hub stored as a regular git blob (tiny adapters)
-        git_sha1 = _git_sha1_of_file(local_path)
+        from .hub import git_file_sha1
+
+        git_sha1 = git_file_sha1(local_path)
     return sibling.blob_id == git_sha1
-
-
-def _git_sha1_of_file(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _remote_config(repo_id: str, commit: str, token) -> dict:
