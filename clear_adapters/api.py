@@ -96,11 +96,21 @@ def resolve(source: str | Path, *, window_size: float | None = None, down_factor
     path = Path(source_str).expanduser()
     if is_registry_name(source_str):
         entry = lookup(source_str)
-        config = _make_config(entry.window_size, entry.down_factor, window_size, down_factor,
-                              bool(proportional_attention), backend, source_str)
-        spec = AdapterSpec(source_str, config, repo_id=entry.repo_id, filename=entry.filename,
-                           revision=revision or entry.revision, sha256=entry.sha256, base_model=entry.base_model,
-                           registry_entry=entry)
+        if entry.path:  # shipped inside the package (the toy's adapters): a local source with a name
+            local = entry.local_path()
+            if not local.exists():
+                raise AdapterNotFoundError(f"{source_str}: the packaged adapter {local} is missing; reinstall "
+                                           "clear-adapters (or rebuild the toy: python examples/toy/train.py)")
+            spec = _resolve_local(local, window_size, down_factor, proportional_attention, backend)
+            spec.source, spec.registry_entry = source_str, entry
+            spec.base_model = entry.base_model
+            spec.sha256 = spec.sha256 or entry.sha256
+        else:
+            config = _make_config(entry.window_size, entry.down_factor, window_size, down_factor,
+                                  bool(proportional_attention), backend, source_str)
+            spec = AdapterSpec(source_str, config, repo_id=entry.repo_id, filename=entry.filename,
+                               revision=revision or entry.revision, sha256=entry.sha256, base_model=entry.base_model,
+                               registry_entry=entry)
     elif path.exists():
         spec = _resolve_local(path, window_size, down_factor, proportional_attention, backend)
     elif path.suffix.lower() in weights.PICKLE_SUFFIXES:

@@ -1,6 +1,6 @@
 """Read only the base-model tensors an adapter touches (for ``weight_mode="delta"``).
 
-A base can be a state dict, a diffusers model directory (the pipeline root with ``transformer/`` or the
+A base can be a state dict, a built-in pipeline name (``"toy"``), a diffusers model directory (the pipeline root with ``transformer/`` or the
 transformer folder itself, sharded or not) or a Hub model id. Only the safetensors shards holding the
 needed keys are opened, and only those keys are read from them.
 """
@@ -28,6 +28,11 @@ def load_base_tensors(base, keys: list[str], *, subfolder: str = "transformer", 
     if isinstance(base, dict):
         tensors = normalize_keys(base)
         return {k: _need(tensors, k, "the base state dict").float() for k in keys}
+    from .pipelines import is_builtin, load_pipeline
+
+    if isinstance(base, str) and is_builtin(base):  # "toy", "tiny": small pipelines built or shipped locally
+        tensors = normalize_keys(load_pipeline(base).transformer.state_dict())
+        return {k: _need(tensors, k, f"the built-in pipeline {base!r}").float() for k in keys}
     path = Path(str(base)).expanduser()
     if path.exists():
         folder = path / subfolder if (path / subfolder).is_dir() else path

@@ -55,8 +55,16 @@ LOW_PRECISION_EXACT_TOLERANCE = 5e-2
 #: adapter, so its numbers only guard against regressions; real models are held to published-like quality.
 TINY_THRESHOLDS = {"min_psnr": 30.0, "min_ssim": 0.95}
 REAL_THRESHOLDS = {"min_psnr": 14.0, "min_ssim": 0.45}
+#: The trained toy (clear_adapters.toy) separates a good adapter from a bad one, so it is held to what a
+#: distilled adapter must do there: PSNR vs full attention, a gain over the zero-shot pattern (same
+#: window, no weights), the detector's task score kept, the plugin's effect kept, and plugin cases
+#: close to the plugin-free one. Cases may tighten these (``CaseSetup.thresholds``).
+TOY_THRESHOLDS = {"min_psnr": 14.0, "min_ssim": 0.5, "min_gain_over_zero_shot_db": 4.0, "max_task_drop": 0.10,
+                  "min_effect_ratio": 0.9, "max_psnr_drop_vs_plugin_free_db": 3.0,
+                  "max_delta_deficit_vs_replace_db": 0.5}
 TINY_WINDOW = 4
 TINY_PROMPT = "a photo of a red house by the sea"
+TOY_PROMPT = "a red circle in the top left"
 REAL_PROMPT = "a photo of a red house on a hill by the sea, a tree on the right, sunny day"
 
 
@@ -102,6 +110,13 @@ class CaseSetup:
             on); booleans count towards pass/fail, numbers are reported.
         teardown: undo what ``prepare`` did to shared pipelines (real models are loaded once).
         notes: anything the report should say about this case.
+        task: ``task(images) -> float`` in [0, 1], a detector's score of the outputs (prompt following,
+            ControlNet adherence, the LoRA's attribute); scored on the full-attention, CLEAR, zero-shot
+            and plugin-off outputs. The call may hold several prompts: images are then (N, 3, H, W).
+        task_name: what ``task`` measures, for the report.
+        thresholds: this case's own pass thresholds (override the matrix's, written into the report).
+        compare_with: ``{other case: threshold key}``: this case's PSNR may be at most that many dB below
+            the other case's (e.g. a plugin case vs the plugin-free one), checked after all cases ran.
     """
 
     pipe: Any
@@ -114,6 +129,10 @@ class CaseSetup:
     extra_checks: Callable | None = None
     teardown: Callable | None = None
     notes: str = ""
+    task: Callable | None = None
+    task_name: str = ""
+    thresholds: dict = field(default_factory=dict)
+    compare_with: dict = field(default_factory=dict)
 
 
 _EXTRA_CASES: list[Case] = []
@@ -151,10 +170,18 @@ def discover_cases() -> list[Case]:
     return cases
 
 
+TOY_CASE_PREFIX = "toy/"
+
+
+def default_patterns(pipeline: str) -> list[str] | None:
+    """The cases run when none are named: the toy's own cases on the toy, every other case elsewhere."""
+    return [TOY_CASE_PREFIX + "*"] if pipeline == "toy" else None
+
+
 def select_cases(cases: list[Case], patterns: Iterable[str] | None) -> list[Case]:
-    """Cases whose name or plugin matches any of ``patterns`` (shell globs; ``None`` = all)."""
+    """Cases whose name or plugin matches any of ``patterns`` (shell globs; ``None`` = all but the toy's)."""
     if not patterns:
-        return list(cases)
+        return [c for c in cases if not c.name.startswith(TOY_CASE_PREFIX)]
     patterns = [p.strip() for p in patterns if p.strip()]
     chosen = [c for c in cases if any(fnmatch.fnmatchcase(c.name, p) or fnmatch.fnmatchcase(c.plugin, p)
                                       or c.name.startswith(p.rstrip("/") + "/") for p in patterns)]
@@ -191,6 +218,16 @@ class MatrixContext:
     def tiny(self) -> bool:
         return self.pipeline == "tiny"
 
+    @property
+    def toy(self) -> bool:
+        return self.pipeline == "toy"
+
+    @property
+    def mechanics(self) -> bool:
+        """Run the exactness and unload checks (2 more generations per case). The toy skips them: they
+        test code paths, which the tiny pipeline covers; the toy is there for the fidelity numbers."""
+        return not self.toy
+
     def resource(self, name: str, hint: str, count: int = 1) -> list[str]:
         """``count`` values of resource ``name`` (the last one repeated if fewer were given), or skip."""
         values = list(self.resources.get(name) or [])
@@ -216,6 +253,11 @@ class MatrixContext:
         and VAE (FLUX variants ship the same ones): only its transformer is loaded (~24 GB instead of ~34).
         """
         key = (source, getattr(pipeline_class, "__name__", None))
+        from .pipelines import is_builtin
+        from .pipelines import load_pipeline as load_builtin
+
+        if key not in self._loaded and is_builtin(source):  # "toy": shipped in the package, loaded offline
+            self._loaded[key] = load_builtin(source, device=self.device, dtype=self.dtype)
         if key not in self._loaded:
             if pipeline_class is None:
                 from diffusers import DiffusionPipeline as pipeline_class
@@ -280,11 +322,12 @@ class CaseRunner:
         kwargs = {k: v for k, v in kwargs.items() if v is not _DROP}
         kwargs["generator"] = torch.Generator(device="cpu").manual_seed(self.ctx.seed)
         start = time.perf_counter()
-        image = pipe(**kwargs).images[0]
+        images = pipe(**kwargs).images
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.last_seconds = time.perf_counter() - start
-        return image.detach().float().cpu()
+        # One prompt: (3, H, W). Several (a list of prompts in the call): (N, 3, H, W).
+        return (images[0] if len(images) == 1 else images).detach().float().cpu()
 
     def load_clear(self):
         """Install the adapter the way the case wants (order), with the case's load options."""
@@ -378,9 +421,24 @@ def _flop_fraction(probe: _GeometryProbe, handle) -> float | None:
     return geometry.attention_flops(head_dim, heads, handle.config) / full
 
 
+def _per_image(metric, a: torch.Tensor, b: torch.Tensor) -> float:
+    """``metric`` of two images, or its mean over a batch of (N, 3, H, W) images."""
+    if a.ndim == 4:
+        values = [metric(x, y) for x, y in zip(a, b)]
+        return sum(values) / len(values)
+    return metric(a, b)
+
+
+def _first(image: torch.Tensor) -> torch.Tensor:
+    return image[0] if image.ndim == 4 else image
+
+
 def run_case(case: Case, ctx: MatrixContext, adapter: str, window_size: float | None, thresholds: dict,
              small_window: float) -> tuple[dict, list | None]:
-    """Run one case; returns (its report entry, [full, CLEAR, difference] images or None)."""
+    """Run one case; returns (its report entry, [full, CLEAR, difference] images or None).
+
+    ``small_window`` is the adapter's window: the bare pattern there (no weights) is the zero-shot run.
+    """
     from . import api
     from .imaging import difference, psnr, ssim
 
@@ -396,8 +454,10 @@ def run_case(case: Case, ctx: MatrixContext, adapter: str, window_size: float | 
         entry.update(status="error", error=f"{type(exc).__name__}: {exc}", passed=False,
                      seconds=time.perf_counter() - start)
         return entry, None
+    thresholds = {**thresholds, **setup.thresholds}
     runner = CaseRunner(ctx, setup, adapter, window_size)
     checks: dict[str, bool] = {}
+    exact = restored = None
     try:
         pipe = setup.pipe
         # Full attention. The "off" run goes first: it warms up the pipeline for the timed "on" run.
@@ -405,12 +465,14 @@ def run_case(case: Case, ctx: MatrixContext, adapter: str, window_size: float | 
         full = runner.generate()
         full_seconds = runner.last_seconds
         plugin_effect = max_difference(full, off) if off is not None else None
-        # The bare pattern: a window covering every token is full attention; a small one is not.
-        runner.attach(FULL_WINDOW)
-        exact = max_difference(runner.generate(), full)
-        runner.unload()
+        if ctx.mechanics:  # the bare pattern with a window covering every token is full attention
+            runner.attach(FULL_WINDOW)
+            exact = max_difference(runner.generate(), full)
+            runner.unload()
+        # The bare pattern at the adapter's window, no weights changed: the zero-shot baseline.
         runner.attach(small_window)
-        small = max_difference(runner.generate(), full)
+        zero_shot = runner.generate()
+        small = max_difference(zero_shot, full)
         runner.unload()
         # The adapter.
         handle = runner.load_clear()
@@ -427,9 +489,11 @@ def run_case(case: Case, ctx: MatrixContext, adapter: str, window_size: float | 
         entry["targets"] = list(handle.targets)
         entry["flop_fraction"] = _flop_fraction(probe, handle)
         runner.unload()
-        restored = max_difference(runner.generate(), full)
-        runner.images.update(full=full, clear=clear, off=off, off_clear=off_clear)
+        if ctx.mechanics:
+            restored = max_difference(runner.generate(), full)
+        runner.images.update(full=full, clear=clear, off=off, off_clear=off_clear, zero_shot=zero_shot)
         extra = setup.extra_checks(runner) if setup.extra_checks is not None else {}
+        task = _task_scores(setup, runner.images) if setup.task is not None else None
     except Exception as exc:  # one broken case must not stop the matrix: it is reported as failed
         logger.exception("case %s failed", case.name)
         entry.update(status="error", error=f"{type(exc).__name__}: {exc}", passed=False,
@@ -437,38 +501,99 @@ def run_case(case: Case, ctx: MatrixContext, adapter: str, window_size: float | 
         _cleanup(setup)
         return entry, None
     _cleanup(setup)
-    value_psnr, value_ssim = psnr(clear, full), ssim(clear, full)
+    value_psnr, value_ssim = _per_image(psnr, clear, full), _per_image(ssim, clear, full)
+    zero_psnr, zero_ssim = _per_image(psnr, zero_shot, full), _per_image(ssim, zero_shot, full)
     tolerance = thresholds["exact_tolerance"]
-    checks["exact_at_full_window"] = exact <= tolerance
+    if exact is not None:
+        checks["exact_at_full_window"] = exact <= tolerance
     checks["differs_at_small_window"] = small > DIFFERS_TOLERANCE
     checks["clear_active"] = clear_calls > 0
-    checks["restored_after_unload"] = restored <= tolerance
+    if restored is not None:
+        checks["restored_after_unload"] = restored <= tolerance
     if plugin_effect is not None:
         checks["plugin_changes_output"] = plugin_effect > DIFFERS_TOLERANCE
     if plugin_effect_clear is not None:
         checks["plugin_changes_output_with_clear"] = plugin_effect_clear > DIFFERS_TOLERANCE
     checks["psnr"] = value_psnr >= thresholds["min_psnr"]
     checks["ssim"] = value_ssim >= thresholds["min_ssim"]
+    if "min_gain_over_zero_shot_db" in thresholds:
+        checks["gain_over_zero_shot"] = value_psnr - zero_psnr >= thresholds["min_gain_over_zero_shot_db"]
+    # CLEAR vs full with the plugin off (same prompts and seeds): how much the plugin itself costs CLEAR.
+    plugin_free_psnr = _per_image(psnr, off_clear, off) if (off is not None and off_clear is not None) else None
+    if plugin_free_psnr is not None and "max_psnr_drop_vs_plugin_free_db" in thresholds:
+        checks["psnr_near_plugin_free"] = \
+            plugin_free_psnr - value_psnr <= thresholds["max_psnr_drop_vs_plugin_free_db"]
+    if task is not None:
+        if "max_task_drop" in thresholds:
+            checks["task_kept"] = task["full"] - task["clear"] <= thresholds["max_task_drop"] + 1e-9
+        if task.get("effect_ratio") is not None and "min_effect_ratio" in thresholds:
+            checks["plugin_effect_kept"] = task["effect_ratio"] >= thresholds["min_effect_ratio"]
     for key, value in extra.items():
         if isinstance(value, bool):
             checks[key] = value
     entry.update(
-        status="ok", psnr=_finite(value_psnr), ssim=value_ssim, exact_at_full_window=checks["exact_at_full_window"],
+        status="ok", psnr=_finite(value_psnr), ssim=value_ssim, zero_shot_psnr=_finite(zero_psnr),
+        zero_shot_ssim=zero_ssim, gain_over_zero_shot_db=_finite(value_psnr - zero_psnr),
+        plugin_free_psnr=_finite(plugin_free_psnr) if plugin_free_psnr is not None else None,
+        images=int(full.shape[0]) if full.ndim == 4 else 1,
+        exact_at_full_window=checks.get("exact_at_full_window"),
         exact_max_difference=exact, small_window=small_window, small_window_max_difference=small,
         plugin_changes_output=checks.get("plugin_changes_output"), plugin_max_difference=plugin_effect,
         plugin_changes_output_with_clear=checks.get("plugin_changes_output_with_clear"),
         plugin_max_difference_with_clear=plugin_effect_clear, off=setup.off_description or None,
         clear_kernel_calls=clear_calls, restored_max_difference=restored,
         time_full_s=full_seconds, time_clear_s=clear_seconds, time_ratio=clear_seconds / max(full_seconds, 1e-9),
+        task_name=setup.task_name or None, task=task, compare_with=dict(setup.compare_with) or None,
+        thresholds=dict(setup.thresholds) or None,
         extra={k: v for k, v in extra.items()}, checks=checks, notes=setup.notes or None,
         seconds=time.perf_counter() - start)
     entry["failed_checks"] = [k for k, ok in checks.items() if not ok]
     entry["passed"] = not entry["failed_checks"]
     # Small differences are scaled up so the grid shows where they are; the gain is in the report.
+    full, clear = _first(full), _first(clear)
     largest = max(float((clear - full).abs().max()), 1e-12)
     gain = float(min(MAX_DIFFERENCE_GAIN, max(MIN_DIFFERENCE_GAIN, 1.0 / largest)))
     entry["difference_gain"] = gain
     return entry, [full, clear, difference(clear, full, gain=gain)]
+
+
+def _task_scores(setup: CaseSetup, images: dict) -> dict:
+    """The case's task score on every run, and the plugin's effect (on - off) with full attention and CLEAR."""
+    scores = {name: float(setup.task(images[name])) for name in ("full", "clear", "zero_shot", "off", "off_clear")
+              if images.get(name) is not None}
+    if "off" in scores:
+        scores["effect_full"] = scores["full"] - scores["off"]
+        off_clear = scores.get("off_clear", scores["off"])
+        scores["effect_clear"] = scores["clear"] - off_clear
+        scores["effect_ratio"] = (scores["effect_clear"] / scores["effect_full"]) if scores["effect_full"] > 0 \
+            else None
+    return scores
+
+
+def _compare_cases(entries: list[dict], thresholds: dict) -> list[dict]:
+    """Cross-case checks (``CaseSetup.compare_with``): a case's PSNR at most N dB below another case's.
+
+    Returns the entries that failed one."""
+    by_name = {e["name"]: e for e in entries}
+    failed = []
+    for e in entries:
+        for other, key in (e.get("compare_with") or {}).items():
+            if e["status"] != "ok":
+                continue
+            ref = by_name.get(other)
+            limit = {**thresholds, **(e.get("thresholds") or {})}.get(key)
+            if ref is None or ref["status"] != "ok" or limit is None:
+                e.setdefault("extra", {})[f"psnr_vs_{other}"] = "not run"
+                continue
+            below = (ref["psnr"] or math.inf) - (e["psnr"] or math.inf) if ref["psnr"] is not None else 0.0
+            e.setdefault("psnr_below", {})[other] = below
+            ok = below <= limit
+            e["checks"][f"psnr_within_{limit:g}db_of_{other}"] = ok
+            if not ok:
+                e["failed_checks"].append(f"psnr_within_{limit:g}db_of_{other}")
+                e["passed"] = False
+                failed.append(e)
+    return failed
 
 
 def _finite(value: float) -> float | None:
@@ -502,12 +627,16 @@ def run_matrix(pipeline: str = "tiny", adapter: str | None = None, *, out: str |
     """Run the compatibility matrix and write ``matrix.json``, ``matrix.md`` and ``index.html`` to ``out``.
 
     Args:
-        pipeline: ``"tiny"`` (offline test pipeline) or a diffusers FLUX pipeline (Hub id or directory).
+        pipeline: ``"tiny"`` (offline random-weight test pipeline), ``"toy"`` (the trained miniature FLUX
+            shipped in :mod:`clear_adapters.toy`, with its trained plugins) or a diffusers FLUX pipeline
+            (Hub id or directory).
         adapter: CLEAR adapter (registry name, path, Hub id); tiny default: a reference-format checkpoint
-            written for the tiny pipeline into ``out``; otherwise default ``"flux-dev"``.
-        cases: name/plugin globs to run (default: all).
+            written for the tiny pipeline into ``out``; toy default: ``"toy"`` (distilled, r=4); otherwise
+            ``"flux-dev"``.
+        cases: name/plugin globs to run (default: the ``toy/*`` cases on the toy, every other case elsewhere).
         window_size: override the adapter's window (tiny default: 4 tokens).
-        height, width, steps: generation size (tiny: 64 px, 2 steps; real: 1024 px, 28 steps).
+        height, width, steps: generation size (tiny: 64 px, 2 steps; toy: 32 px, 8 steps; real: 1024 px,
+            28 steps).
         max_sequence_length: T5 tokens (tiny default 32: the tiny T5 has no use for 512 padding tokens).
         resources: plugin weights for real pipelines (see :class:`MatrixContext`).
         thresholds: ``{"min_psnr": dB, "min_ssim": x, "exact_tolerance": max |difference|}``, written into
@@ -516,17 +645,25 @@ def run_matrix(pipeline: str = "tiny", adapter: str | None = None, *, out: str |
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tiny = pipeline == "tiny"
+    tiny, toy = pipeline == "tiny", pipeline == "toy"
+    small = tiny or toy  # built-in CPU-sized pipelines: float32 on the CPU
     if device is None:
-        device = "cuda" if (torch.cuda.is_available() and not tiny) else "cpu"
+        device = "cuda" if (torch.cuda.is_available() and not small) else "cpu"
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     if dtype is None:
-        dtype = torch.bfloat16 if (device.startswith("cuda") and not tiny) else torch.float32
-    ctx = MatrixContext(pipeline=pipeline, height=height or (64 if tiny else 1024),
-                        width=width or (64 if tiny else 1024), steps=steps or (2 if tiny else 28), seed=seed,
-                        prompt=prompt or (TINY_PROMPT if tiny else REAL_PROMPT),
-                        device=device, dtype=dtype, max_sequence_length=max_sequence_length or (32 if tiny else None),
+        dtype = torch.bfloat16 if (device.startswith("cuda") and not small) else torch.float32
+    if toy:
+        from .toy import pipeline as toy_defaults
+
+        size, default_steps, default_tokens = toy_defaults.HEIGHT, toy_defaults.STEPS, toy_defaults.MAX_SEQUENCE_LENGTH
+        default_prompt = TOY_PROMPT
+    else:
+        size, default_steps = (64, 2) if tiny else (1024, 28)
+        default_tokens, default_prompt = (32 if tiny else None), (TINY_PROMPT if tiny else REAL_PROMPT)
+    ctx = MatrixContext(pipeline=pipeline, height=height or size, width=width or size, steps=steps or default_steps,
+                        seed=seed, prompt=prompt or default_prompt, device=device, dtype=dtype,
+                        max_sequence_length=max_sequence_length or default_tokens,
                         resources={k: list(v) for k, v in (resources or {}).items() if v},
                         workdir=out / "work")
     ctx.workdir.mkdir(parents=True, exist_ok=True)
@@ -536,12 +673,13 @@ def run_matrix(pipeline: str = "tiny", adapter: str | None = None, *, out: str |
         window_size = window_size or TINY_WINDOW
         adapter = str(write_reference_checkpoint(ctx.workdir / f"tiny_clear_r{window_size:g}.safetensors",
                                                  tiny_flux_transformer(0), window_size))
-    adapter = adapter or "flux-dev"
+    adapter = adapter or ("toy" if toy else "flux-dev")
     exact = EXACT_TOLERANCE if dtype == torch.float32 else LOW_PRECISION_EXACT_TOLERANCE
-    thresholds = {**(TINY_THRESHOLDS if tiny else REAL_THRESHOLDS), "exact_tolerance": exact, **(thresholds or {})}
+    defaults = TINY_THRESHOLDS if tiny else TOY_THRESHOLDS if toy else REAL_THRESHOLDS
+    thresholds = {**defaults, "exact_tolerance": exact, **(thresholds or {})}
     window = window_size if window_size is not None else _adapter_window(adapter)
     small_window = float(window if window is not None else TINY_WINDOW)
-    selected = select_cases(discover_cases(), cases)
+    selected = select_cases(discover_cases(), cases or default_patterns(pipeline))
     say = printer or (lambda _msg: None)
     say(f"compatibility matrix: pipeline {pipeline}, adapter {adapter} (window {window}), "
         f"{ctx.width}x{ctx.height} px, {ctx.steps} steps, seed {seed}, {len(selected)} cases")
@@ -560,6 +698,8 @@ def run_matrix(pipeline: str = "tiny", adapter: str | None = None, *, out: str |
             say(_one_line(entry))
     finally:
         torch.set_num_threads(threads)
+    for e in _compare_cases(entries, thresholds):
+        say(f"  FAIL {e['name']}: PSNR more than allowed below {', '.join(e['psnr_below'])}")
     report = {
         "pipeline": pipeline, "adapter": adapter, "window_size": window, "height": ctx.height, "width": ctx.width,
         "steps": ctx.steps, "seed": seed, "prompt": ctx.prompt, "max_sequence_length": ctx.max_sequence_length,
@@ -603,7 +743,14 @@ def _one_line(entry: dict) -> str:
         return f"  FAIL {entry['name']}: {entry['error']}"
     flag = "ok  " if entry["passed"] else "FAIL"
     failed = f" failed: {', '.join(entry['failed_checks'])}" if entry["failed_checks"] else ""
+    task = entry.get("task")
+    task_text = ""
+    if task:
+        task_text = f"  {entry['task_name'] or 'task'} {task['full']:.2f}/{task['clear']:.2f}/{task['zero_shot']:.2f}"
+        if task.get("effect_ratio") is not None:
+            task_text += f" effect x{task['effect_ratio']:.2f}"
     return (f"  {flag} {entry['name']:<34} PSNR {_fmt(entry['psnr'], '.2f')} dB  SSIM {entry['ssim']:.3f}  "
+            f"zero-shot {_fmt(entry['zero_shot_psnr'], '.2f')} dB{task_text}  "
             f"FLOPs {_fmt(entry['flop_fraction'], '.1%')}  time x{entry['time_ratio']:.2f}{failed}")
 
 
@@ -669,25 +816,30 @@ def render_markdown(report: dict) -> str:
         f"(window {report['window_size']}), {report['width']}x{report['height']} px, {report['steps']} steps, "
         f"seed {report['seed']}, {report['device']}/{report['dtype']}. CLEAR vs full attention on the same seed; "
         f"pass: PSNR >= {t['min_psnr']} dB, SSIM >= {t['min_ssim']}, full-window run equal to full attention "
-        f"(<= {t['exact_tolerance']:g}), plugin on/off differs, unload restores the output.",
+        f"(<= {t['exact_tolerance']:g}), plugin on/off differs, unload restores the output"
+        + "".join(f", {k} {v:g}" for k, v in t.items() if k in TOY_THRESHOLDS and k not in ("min_psnr", "min_ssim"))
+        + ". Zero-shot: the same window with no weights changed. Task: detector score full / CLEAR / zero-shot.",
         "",
-        "| case | plugin | PSNR (dB) | SSIM | attention FLOPs | time ratio | plugin changes output | "
-        "exact at full window | result |",
-        "|---|---|---:|---:|---:|---:|:-:|:-:|:-:|",
+        "| case | plugin | PSNR (dB) | SSIM | zero-shot PSNR (dB) | task full / CLEAR / zero-shot | "
+        "attention FLOPs | time ratio | plugin changes output | exact at full window | result |",
+        "|---|---|---:|---:|---:|:-:|---:|---:|:-:|:-:|:-:|",
     ]
     for e in report["cases"]:
         if e["status"] == "skipped":
-            lines.append(f"| {e['name']} | {e['plugin']} | | | | | | | skipped: {e['reason']} |")
+            lines.append(f"| {e['name']} | {e['plugin']} | | | | | | | | | skipped: {e['reason']} |")
             continue
         if e["status"] == "error":
-            lines.append(f"| {e['name']} | {e['plugin']} | | | | | | | **error**: {e['error'][:120]} |")
+            lines.append(f"| {e['name']} | {e['plugin']} | | | | | | | | | **error**: {e['error'][:120]} |")
             continue
         effect = e["plugin_changes_output"]
         if e.get("plugin_changes_output_with_clear") is not None:
             effect = effect and e["plugin_changes_output_with_clear"] if effect is not None else \
                 e["plugin_changes_output_with_clear"]
         result = "pass" if e["passed"] else "**FAIL** (" + ", ".join(e["failed_checks"]) + ")"
+        task = e.get("task")
+        task_cell = f"{task['full']:.2f} / {task['clear']:.2f} / {task['zero_shot']:.2f}" if task else "-"
         lines.append(f"| {e['name']} | {e['plugin']} | {_cell(e['psnr'], '.2f', 'inf')} | {e['ssim']:.3f} | "
+                     f"{_cell(e.get('zero_shot_psnr'), '.2f', 'inf')} | {task_cell} | "
                      f"{_cell(e['flop_fraction'], '.1%')} | {e['time_ratio']:.2f} | {_cell(effect, '')} | "
                      f"{_cell(e['exact_at_full_window'], '')} | {result} |")
     s = report["summary"]
