@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from . import processors, weights
 from .config import ClearConfig
-from .errors import AdapterNotFoundError, ClearAdapterError, IncompatibleModelError
+from .errors import AdapterNotFoundError, ClearAdapterError, IncompatibleModelError, IntegrityError
 from .geometry import Geometry
 from .registry import RegistryEntry, is_registry_name, lookup
 
@@ -35,6 +36,8 @@ class AdapterSpec:
     base_model: str | None = None
     registry_entry: RegistryEntry | None = None
     metadata: dict = field(default_factory=dict)
+    #: False for a raw weights file whose down factor nobody stated: load() reads it off the pooling weights
+    down_factor_recorded: bool = True
 
 
 @dataclass(eq=False)
@@ -85,45 +88,109 @@ class ClearHandle:
 
 
 # ---------------------------------------------------------------------------------------------- resolve
-def resolve(source: str | Path, *, window_size: float | None = None, down_factor: int | None = None,
-            revision: str | None = None, token=None, proportional_attention: bool | None = None,
-            backend: str = "auto", download: bool = True) -> AdapterSpec:
-    """Turn a registry name, a local file/directory or a Hub repo id into an :class:`AdapterSpec`.
+@dataclass(frozen=True)
+class HubOptions:
+    """How one call reaches the Hub: the options diffusers loaders take, with the same meaning."""
 
-    With ``download`` the weights are fetched (Hub cache) and ``spec.weights_path`` is set.
+    token: Any = None
+    cache_dir: str | Path | None = None
+    local_files_only: bool = False
+    force_download: bool = False
+
+    def download(self, repo_id: str, filename: str, revision: str | None, sha256: str | None = None, *,
+                 missing_ok: bool = False) -> Path | None:
+        from .hub import download
+
+        return download(repo_id, filename, revision=revision, token=self.token, sha256=sha256,
+                        cache_dir=self.cache_dir, local_files_only=self.local_files_only,
+                        force_download=self.force_download, missing_ok=missing_ok)
+
+
+def resolve(source: str | Path, *, window_size: float | None = None, down_factor: int | None = None,
+            weight_name: str | None = None, subfolder: str | None = None, revision: str | None = None, token=None,
+            cache_dir: str | Path | None = None, local_files_only: bool = False, force_download: bool = False,
+            proportional_attention: bool | None = None, backend: str = "auto", download: bool = True) -> AdapterSpec:
+    """Turn a registry name, a local file/directory or a Hub repo (or file) into an :class:`AdapterSpec`.
+
+    ``source`` forms and the diffusers-style options are those of :func:`load`. With ``download`` the
+    weights are fetched (Hub cache) and ``spec.weights_path`` is set.
     """
+    return _resolve(source, window_size, down_factor, weight_name, subfolder, revision,
+                    HubOptions(token, cache_dir, local_files_only, force_download), proportional_attention, backend,
+                    download, require_pattern=True)
+
+
+def _resolve(source, window_size, down_factor, weight_name, subfolder, revision, hub: HubOptions, proportional,
+             backend, download, *, require_pattern: bool) -> AdapterSpec:
     source_str = str(source)
+    weight_name, subfolder = _check_file_options(weight_name, subfolder)
     path = Path(source_str).expanduser()
+    pattern = (window_size, down_factor, proportional, backend, require_pattern)
     if is_registry_name(source_str):
         entry = lookup(source_str)
-        config = _make_config(entry.window_size, entry.down_factor, window_size, down_factor,
-                              bool(proportional_attention), backend, source_str)
+        if weight_name or subfolder:
+            raise ClearAdapterError(f"{source_str!r} is a registry name and already names its file "
+                                    f"({entry.repo_id}/{entry.filename}); to load another file pass the repo id: "
+                                    f"load({entry.repo_id!r}, pipe, weight_name=...)")
+        config = _make_config(entry.window_size, entry.down_factor, window_size, down_factor, bool(proportional),
+                              backend, source_str)
         spec = AdapterSpec(source_str, config, repo_id=entry.repo_id, filename=entry.filename,
                            revision=revision or entry.revision, sha256=entry.sha256, base_model=entry.base_model,
                            registry_entry=entry)
     elif path.exists():
-        spec = _resolve_local(path, window_size, down_factor, proportional_attention, backend)
+        spec = _resolve_local(path, weight_name, subfolder, *pattern)
     elif path.suffix.lower() in weights.PICKLE_SUFFIXES:
         weights.check_safetensors_path(path)  # raises UnsafeFormatError before "not found"
         raise AdapterNotFoundError(str(path))
-    elif source_str.endswith((".safetensors", ".json")) or source_str.startswith(("/", ".", "~")) \
-            or source_str.count("/") > 1:
+    elif source_str.startswith(("/", ".", "~")) or source_str.endswith(".json"):
         raise AdapterNotFoundError(f"no such file or directory: {path}")
+    elif _HUB_FILE.match(source_str):  # owner/name/[folder/]file.safetensors, as diffusers loaders accept
+        if weight_name or subfolder:
+            raise ClearAdapterError(f"{source_str!r} already names a file in a Hub repo; pass either "
+                                    "'owner/name/file.safetensors' or 'owner/name' with weight_name=/subfolder=")
+        owner, name, rest = source_str.split("/", 2)
+        folder, _, file_name = rest.rpartition("/")
+        try:
+            spec = _resolve_repo(f"{owner}/{name}", file_name, folder or None, revision, hub, *pattern, download)
+        except AdapterNotFoundError as exc:
+            raise AdapterNotFoundError(f"no local file {source_str}, and on the Hub: {exc}") from None
     elif _REPO_ID.match(source_str) and not _looks_like_registry(source_str):
-        spec = _resolve_repo(source_str, window_size, down_factor, revision, token, proportional_attention, backend)
+        spec = _resolve_repo(source_str, weight_name, subfolder, revision, hub, *pattern, download)
+    elif source_str.endswith(".safetensors") or source_str.count("/") > 1:
+        raise AdapterNotFoundError(f"no such file or directory: {path}")
     else:
         lookup(source_str)  # raises AdapterNotFoundError with the closest names
         raise AssertionError("unreachable")
     if download and spec.weights_path is None and spec.repo_id is not None:
-        from .hub import download as hub_download
-
-        spec.weights_path = hub_download(spec.repo_id, spec.filename, revision=spec.revision, token=token,
-                                         sha256=spec.sha256)
-    elif spec.weights_path is not None and spec.sha256:
+        spec.weights_path = hub.download(spec.repo_id, spec.filename, spec.revision, spec.sha256)
+    elif download and spec.weights_path is not None and spec.sha256 and spec.repo_id is None:
         from .hub import verify_sha256
 
         verify_sha256(spec.weights_path, spec.sha256)
     return spec
+
+
+_HUB_FILE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+/(?:[\w.-]+/)*[\w.-]+\.safetensors$")
+
+
+def _check_file_options(weight_name, subfolder) -> tuple[str | None, str | None]:
+    """``weight_name`` must be a file name; ``subfolder`` a relative folder inside the repo/directory."""
+    if weight_name is not None:
+        if not isinstance(weight_name, str) or not weight_name or "/" in weight_name or "\\" in weight_name \
+                or weight_name in (".", ".."):
+            raise ValueError(f"weight_name must be a file name (use subfolder= for folders), got {weight_name!r}")
+        if Path(weight_name).suffix.lower() in weights.PICKLE_SUFFIXES:
+            weights.check_safetensors_path(Path(weight_name))  # UnsafeFormatError: never fetched, never unpickled
+    if subfolder is not None:
+        parts = str(subfolder).replace("\\", "/").strip("/").split("/")
+        if not isinstance(subfolder, str) or str(subfolder).startswith("/") or any(p in ("", ".", "..") for p in parts):
+            raise ValueError(f"subfolder must be a relative folder inside the repo or directory, got {subfolder!r}")
+        subfolder = "/".join(parts)
+    return weight_name, subfolder or None
+
+
+def _in_folder(subfolder: str | None, name: str) -> str:
+    return f"{subfolder}/{name}" if subfolder else name
 
 
 def _looks_like_registry(name: str) -> bool:
@@ -132,7 +199,8 @@ def _looks_like_registry(name: str) -> bool:
     return name.split("/")[0] in {e.name.split("/")[0] for e in list_adapters()}
 
 
-def _make_config(known_window, known_down, window_size, down_factor, proportional, backend, what) -> ClearConfig:
+def _make_config(known_window, known_down, window_size, down_factor, proportional, backend, what,
+                 required: bool = True) -> ClearConfig | None:
     if window_size is not None and known_window is not None and float(window_size) != float(known_window):
         logger.warning("%s was trained with window_size=%s; using window_size=%s as requested", what,
                        known_window, window_size)
@@ -141,7 +209,11 @@ def _make_config(known_window, known_down, window_size, down_factor, proportiona
                                      f"do not fit down_factor={down_factor}")
     window = window_size if window_size is not None else known_window
     if window is None:
-        raise ClearAdapterError(f"{what} does not say which window it was trained with; pass window_size=")
+        if not required:
+            return None
+        raise ClearAdapterError(f"{what} does not say which window it was trained with (no clear_config.json, no "
+                                "window_size in its safetensors header); pass window_size= (and down_factor= "
+                                "for pooled variants)")
     down = down_factor if down_factor is not None else (known_down or 1)
     return ClearConfig(window, down, proportional_attention=proportional, backend=backend)
 
@@ -157,54 +229,153 @@ def _read_config_file(path: Path) -> dict:
     return read_config(path)
 
 
-def _resolve_local(path: Path, window_size, down_factor, proportional, backend) -> AdapterSpec:
+def _pattern_in_header(header: dict, where: str) -> tuple[float | None, int | None]:
+    """(window_size, down_factor) recorded in a safetensors ``__metadata__`` header (None when absent)."""
+    window = down = None
+    try:
+        if "window_size" in header:
+            window = float(header["window_size"])
+            window = int(window) if window.is_integer() else window
+        if "down_factor" in header:
+            down = int(header["down_factor"])
+    except (TypeError, ValueError):
+        raise IntegrityError(f"{where}: the safetensors header records window_size={header.get('window_size')!r}, "
+                             f"down_factor={header.get('down_factor')!r}; expected numbers") from None
+    return window, down
+
+
+def _raw_spec(source: str, header: dict, where: str, window_size, down_factor, proportional, backend, required,
+              **fields) -> AdapterSpec:
+    """The spec of a weights file without ``clear_config.json``: pattern from the caller, else its header."""
+    known_window, known_down = _pattern_in_header(header, where)
+    config = _make_config(known_window, known_down, window_size, down_factor, bool(proportional), backend, where,
+                          required)
+    return AdapterSpec(source, config, base_model=header.get("base_model"), metadata=dict(header),
+                       down_factor_recorded=known_down is not None or down_factor is not None, **fields)
+
+
+def _resolve_local(path: Path, weight_name, subfolder, window_size, down_factor, proportional, backend,
+                   required) -> AdapterSpec:
+    if path.is_file():
+        if weight_name or subfolder:
+            raise ClearAdapterError(f"{path} is a file; weight_name= and subfolder= apply to directories and Hub repos")
+        return _local_file_spec(path, path, {}, window_size, down_factor, proportional, backend, required)
+    folder = path / subfolder if subfolder else path
+    if not folder.is_dir():
+        raise AdapterNotFoundError(f"no folder {subfolder!r} in {path}")
     config_data: dict = {}
-    if path.is_dir():
-        if (path / CONFIG_NAME).is_file():
-            config_data = _read_config_file(path / CONFIG_NAME)
-            weights_file = path / config_data["weights"]
-        else:
-            candidates = sorted(path.glob("*.safetensors"))
-            pickles = [p for p in path.iterdir() if p.suffix.lower() in weights.PICKLE_SUFFIXES]
-            if not candidates and pickles:
-                weights.check_safetensors_path(pickles[0])
-            if len(candidates) != 1:
-                raise AdapterNotFoundError(f"{path}: expected {CONFIG_NAME} or exactly one .safetensors file, "
-                                           f"found {len(candidates)}")
-            weights_file = candidates[0]
+    if (folder / CONFIG_NAME).is_file():
+        config_data = _read_config_file(folder / CONFIG_NAME)
+    if weight_name is not None:
+        weights_file = folder / weight_name
+        if not weights_file.is_file():
+            raise AdapterNotFoundError(f"no file {weight_name} in {folder}")
+        if config_data.get("weights") != weight_name:
+            config_data = {}  # another file than the one the config describes: read as a raw checkpoint
+    elif config_data:
+        weights_file = folder / config_data["weights"]
     else:
-        weights_file = path
+        candidates = sorted(folder.glob("*.safetensors"))
+        pickles = [p for p in folder.iterdir() if p.suffix.lower() in weights.PICKLE_SUFFIXES]
+        if not candidates and pickles:
+            weights.check_safetensors_path(pickles[0])
+        if len(candidates) != 1:
+            names = ", ".join(p.name for p in candidates[:6])
+            raise AdapterNotFoundError(f"{folder}: expected {CONFIG_NAME} or exactly one .safetensors file, found "
+                                       f"{len(candidates)}{f' ({names}); pass weight_name=' if candidates else ''}")
+        weights_file = candidates[0]
+    return _local_file_spec(path, weights_file, config_data, window_size, down_factor, proportional, backend,
+                            required)
+
+
+def _local_file_spec(path: Path, weights_file: Path, config_data: dict, window_size, down_factor, proportional,
+                     backend, required) -> AdapterSpec:
     weights.check_safetensors_path(weights_file)
     header = _safetensors_metadata(weights_file)
-    known_window = config_data.get("window_size")
-    known_down = config_data.get("down_factor")
-    if known_window is None and "window_size" in header:
-        known_window = float(header["window_size"])
-        known_window = int(known_window) if known_window.is_integer() else known_window
-    if known_down is None and "down_factor" in header:
-        known_down = int(header["down_factor"])
+    if not config_data:
+        return _raw_spec(str(path), header, str(weights_file), window_size, down_factor, proportional, backend,
+                         required, weights_path=weights_file)
+    header_window, header_down = _pattern_in_header(header, str(weights_file))
+    known_window = config_data.get("window_size", header_window)
+    known_down = config_data.get("down_factor", header_down)
     config = _make_config(known_window, known_down, window_size, down_factor,
                           _choose(proportional, config_data.get("proportional_attention", False)), backend,
-                          str(path))
+                          str(path), required)
     return AdapterSpec(str(path), config, weights_path=weights_file, sha256=config_data.get("sha256"),
                        base_model=config_data.get("base_model"), metadata=config_data)
 
 
-def _resolve_repo(repo_id, window_size, down_factor, revision, token, proportional, backend) -> AdapterSpec:
+def _resolve_repo(repo_id, weight_name, subfolder, revision, hub: HubOptions, window_size, down_factor, proportional,
+                  backend, required, download) -> AdapterSpec:
+    from .errors import OfflineError
     from .hub import commit_of
-    from .hub import download as hub_download
 
-    config_path = hub_download(repo_id, CONFIG_NAME, revision=revision, token=token)
-    # Pin the weights to the commit the config came from: a push landing between the two downloads
-    # must not pair this config with another commit's weights. Works offline too (cache layout).
-    commit = commit_of(config_path, CONFIG_NAME) or revision
-    config_data = _read_config_file(config_path)
-    config = _make_config(config_data.get("window_size"), config_data.get("down_factor"), window_size, down_factor,
-                          _choose(proportional, config_data.get("proportional_attention", False)), backend,
-                          repo_id)
-    return AdapterSpec(repo_id, config, repo_id=repo_id, filename=config_data["weights"], revision=commit,
-                       sha256=config_data.get("sha256"), base_model=config_data.get("base_model"),
-                       metadata=config_data)
+    config_name = _in_folder(subfolder, CONFIG_NAME)
+    try:
+        config_path = hub.download(repo_id, config_name, revision, missing_ok=True)
+    except OfflineError:
+        if weight_name is None:
+            raise
+        config_path = None  # the file is named: it can load without its config (e.g. a raw file cached earlier)
+    commit = revision
+    if config_path is not None:
+        # Pin the weights to the commit the config came from: a push landing between the two downloads
+        # must not pair this config with another commit's weights. Works offline too (cache layout).
+        commit = commit_of(config_path, config_name) or revision
+        config_data = _read_config_file(config_path)
+        if weight_name is None or weight_name == config_data["weights"]:
+            config = _make_config(config_data.get("window_size"), config_data.get("down_factor"), window_size,
+                                  down_factor, _choose(proportional, config_data.get("proportional_attention", False)),
+                                  backend, repo_id, required)
+            return AdapterSpec(repo_id, config, repo_id=repo_id, filename=_in_folder(subfolder, config_data["weights"]),
+                               revision=commit, sha256=config_data.get("sha256"),
+                               base_model=config_data.get("base_model"), metadata=config_data)
+    if weight_name is None:
+        weight_name, commit = _only_weights_file(repo_id, subfolder, revision, hub)
+    filename = _in_folder(subfolder, weight_name)
+    header, weights_path = _remote_header(repo_id, filename, commit, hub, download=download)
+    if weights_path is not None:
+        commit = commit_of(weights_path, filename) or commit
+    return _raw_spec(repo_id, header, f"{repo_id}/{filename}", window_size, down_factor, proportional, backend,
+                     required, repo_id=repo_id, filename=filename, revision=commit, weights_path=weights_path)
+
+
+def _only_weights_file(repo_id, subfolder, revision, hub: HubOptions) -> tuple[str, str | None]:
+    """The one ``.safetensors`` file of a repo (folder) without ``clear_config.json``, and the commit listed."""
+    where = f"{repo_id}/{subfolder}" if subfolder else repo_id
+    if hub.local_files_only:
+        raise ClearAdapterError(f"{where} has no {CONFIG_NAME} in the local cache; with local_files_only=True "
+                                "pass weight_name= (the repo's files cannot be listed offline)")
+    from .hub import safetensors_files
+
+    names, commit = safetensors_files(repo_id, subfolder=subfolder, revision=revision, token=hub.token)
+    if len(names) == 1:
+        return names[0], commit
+    if not names:
+        raise AdapterNotFoundError(f"{where} has neither {CONFIG_NAME} nor a .safetensors file: is it a CLEAR "
+                                   "adapter repository (pushed with clear-adapters push)?"
+                                   f"{' If the files are in a folder, pass subfolder=' if not subfolder else ''}")
+    raise ClearAdapterError(f"{where} has no {CONFIG_NAME} and {len(names)} .safetensors files "
+                            f"({', '.join(names[:8])}{', ...' if len(names) > 8 else ''}); pass weight_name= to say "
+                            "which one")
+
+
+def _remote_header(repo_id, filename, revision, hub: HubOptions, *, download: bool) -> tuple[dict, Path | None]:
+    """(safetensors header metadata, local path or None): from the downloaded file, else a range read."""
+    if download:
+        path = hub.download(repo_id, filename, revision)
+        weights.check_safetensors_path(path)
+        return _safetensors_metadata(path), path
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo_id, filename, cache_dir=hub.cache_dir, revision=revision)
+    if isinstance(cached, str):
+        return _safetensors_metadata(Path(cached)), None
+    if hub.local_files_only:
+        hub.download(repo_id, filename, revision)  # raises the "not in the local cache" error
+    from .hub import remote_header
+
+    return remote_header(repo_id, filename, revision=revision, token=hub.token), None
 
 
 def _safetensors_metadata(path: Path) -> dict:
@@ -256,17 +427,28 @@ def _head_shape(model) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------------------------- load/unload
-def load(source: str | Path, pipe, *, window_size: float | None = None, down_factor: int | None = None,
-         revision: str | None = None, token=None, backend: str = "auto", proportional_attention: bool | None = None,
-         controlnet: bool = True, weight_mode: str | None = None, base=None) -> ClearHandle:
-    """Install a CLEAR adapter into a FLUX pipeline (or a FLUX transformer); returns a :class:`ClearHandle`.
+def load(source: str | Path, pipe, *, weight_name: str | None = None, subfolder: str | None = None,
+         cache_dir: str | Path | None = None, local_files_only: bool = False, force_download: bool = False,
+         revision: str | None = None, token=None, window_size: float | None = None, down_factor: int | None = None,
+         backend: str = "auto", proportional_attention: bool | None = None, controlnet: bool = True,
+         weight_mode: str | None = None, base=None) -> ClearHandle:
+    """Install a CLEAR adapter into a FLUX pipeline (or a FLUX model); returns a :class:`ClearHandle`.
+
+    Argument order, here and in :func:`attach`: what to install first, then where (``load(source, pipe)``).
 
     Args:
         source: a registry name (``"flux-dev"``, ``"flux-dev/r8"``, see ``list_adapters()``), a local
-            ``.safetensors`` file or adapter directory, or a Hub repo id (``"owner/name"``).
-        pipe: a diffusers FLUX pipeline (its transformer and ControlNets get CLEAR) or a FLUX model.
-        window_size, down_factor: the pattern, for files that do not record it.
-        revision, token: Hub revision pin and credentials.
+            ``.safetensors`` file or adapter directory, a Hub repo id (``"owner/name"``) or a file in a
+            Hub repo (``"owner/name/file.safetensors"``, as diffusers loaders accept).
+        pipe: a diffusers FLUX pipeline (its transformer and ControlNets get CLEAR), a FLUX model, or
+            any ``nn.Module`` holding exactly one FLUX model (a user's wrapper).
+        weight_name, subfolder: which file of a repo or directory, as in diffusers' ``load_lora_weights``.
+            A repo without ``clear_config.json`` loads its one ``.safetensors`` file (or ``weight_name``).
+        cache_dir, local_files_only, force_download, revision, token: as for diffusers loaders (Hub
+            cache folder, cache only, fetch again, branch/tag/commit, credentials).
+        window_size, down_factor: the pattern, for files that record it neither in a
+            ``clear_config.json`` nor in their safetensors header (the down factor is then read off
+            the pooling weights).
         backend: ``"auto"`` (tiled on CPU, flex on CUDA), ``"dense"``, ``"tiled"`` or ``"flex"``.
         proportional_attention: the authors' high-resolution logit scale (default: as the adapter
             records it, else off).
@@ -283,11 +465,14 @@ def load(source: str | Path, pipe, *, window_size: float | None = None, down_fac
     """
     targets = flux_models(pipe, controlnet=controlnet)
     _refuse_double_install(targets)
-    spec = resolve(source, window_size=window_size, down_factor=down_factor, revision=revision, token=token,
-                   proportional_attention=proportional_attention, backend=backend)
+    hub = HubOptions(token, cache_dir, local_files_only, force_download)
+    spec = _resolve(source, window_size, down_factor, weight_name, subfolder, revision, hub, proportional_attention,
+                    backend, True, require_pattern=True)
     state_dict, header = weights.read_adapter_file(spec.weights_path)
     spec.metadata = {**header, **spec.metadata}
     file_down = weights.infer_down_factor(state_dict) or 1
+    if not spec.down_factor_recorded:  # a raw checkpoint: its pooling weights say which down factor it has
+        spec.config = replace(spec.config, down_factor=file_down)
     if file_down != spec.config.down_factor:
         raise IncompatibleModelError(f"{spec.weights_path.name} holds pooling weights for down_factor={file_down} "
                                      f"but the adapter is configured with down_factor={spec.config.down_factor}")
@@ -304,7 +489,8 @@ def load(source: str | Path, pipe, *, window_size: float | None = None, down_fac
         if source_of_base is None:
             raise ClearAdapterError("weight_mode='delta' needs the base model's weights: pass base=")
         needed = [k for k in weights.normalize_keys(state_dict) if not k.endswith(weights.SPATIAL_WEIGHT)]
-        base_tensors = load_base_tensors(source_of_base, needed, token=token)
+        base_tensors = load_base_tensors(source_of_base, needed, token=token, cache_dir=cache_dir,
+                                         local_files_only=local_files_only)
     plans = [("transformer", transformer, weights.plan(transformer, state_dict, spec.config.down_factor,
                                                        base=base_tensors))]
     # ControlNets were initialised from the base transformer: they get the adapter's change relative to
@@ -425,21 +611,27 @@ def get_handle(pipe) -> ClearHandle | None:
     return None
 
 
-def describe(name: str, *, revision: str | None = None, token=None) -> dict:
-    """What the registry knows about ``name`` (or the ``clear_config.json`` of a local adapter/Hub repo).
+def describe(name: str | Path, *, weight_name: str | None = None, subfolder: str | None = None,
+             revision: str | None = None, token=None, cache_dir: str | Path | None = None,
+             local_files_only: bool = False) -> dict:
+    """What is known about an adapter, without downloading its weights.
 
-    For a Hub repo only ``clear_config.json`` is fetched (at ``revision``); ``revision`` in the
-    result is the commit it came from.
+    ``name`` takes every form :func:`load` does (with the same ``weight_name``/``subfolder`` and Hub
+    options): a registry entry, a local file or directory, a Hub repo or ``owner/name/file.safetensors``.
+    For a Hub repo only ``clear_config.json`` is fetched (at ``revision``), or for a raw file its
+    safetensors header (a range request); ``revision`` in the result is the commit it came from.
     """
-    if is_registry_name(name):
-        return lookup(name).describe()
-    spec = resolve(name, revision=revision, token=token, download=False)
+    if is_registry_name(str(name)) and weight_name is None and subfolder is None:
+        return lookup(str(name)).describe()
+    spec = _resolve(name, None, None, weight_name, subfolder, revision,
+                    HubOptions(token, cache_dir, local_files_only, False), None, "auto", False, require_pattern=False)
     layers = spec.metadata.get("layers")
-    return {"source": spec.source, "window_size": spec.config.window_size, "down_factor": spec.config.down_factor,
+    config = spec.config
+    return {"source": spec.source, "window_size": config.window_size if config else None,
+            "down_factor": config.down_factor if config and spec.down_factor_recorded else None,
             "base_model": spec.base_model, "repo_id": spec.repo_id, "revision": spec.revision,
             "weights": spec.filename or (str(spec.weights_path) if spec.weights_path else None),
+            **({} if config else {"note": "the file does not record its window; pass window_size= to load it"}),
             **({"layer_count": len(layers)} if isinstance(layers, list) else {}),
             **{k: v for k, v in spec.metadata.items()
                if isinstance(v, (str, int, float, bool)) and k not in ("window_size", "down_factor", "base_model")}}
-
-
