@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,8 @@ import torch
 
 from . import processors, weights
 from .config import ClearConfig
-from .errors import AdapterNotFoundError, ClearAdapterError, IncompatibleModelError, IntegrityError
+from .errors import (AdapterNotFoundError, ClearAdapterError, ClearPersistenceWarning, IncompatibleModelError,
+                     IntegrityError)
 from .geometry import Geometry
 from .registry import RegistryEntry, is_registry_name, lookup
 
@@ -47,7 +50,8 @@ class ClearHandle:
     spec: AdapterSpec
     targets: list[str]
     replaced: dict[str, list[str]]
-    pixels_per_token: int
+    #: image pixels per latent token (16 for FLUX.1 pipelines); None for a bare model, which cannot know it
+    pixels_per_token: int | None
     _installs: list = field(default_factory=list, repr=False)
     _applied: list = field(default_factory=list, repr=False)
     _models: list = field(default_factory=list, repr=False)
@@ -68,13 +72,26 @@ class ClearHandle:
             return self._final_kernel_calls
         return sum(install.context.kernel_calls for install in self._installs)
 
-    def attention_flops(self, height: int, width: int, text_len: int = 512) -> dict:
+    def __repr__(self) -> str:
+        config = self.spec.config
+        pattern = f"window_size={config.window_size:g}" + (f", down_factor={config.down_factor}"
+                                                            if config.down_factor > 1 else "")
+        state = "" if self.active else ", unloaded"
+        return f"ClearHandle({self.spec.source!r}, {pattern}, targets={self.targets}{state})"
+
+    def attention_flops(self, height: int, width: int, text_len: int = 512, *,
+                        pixels_per_token: int | None = None) -> dict:
         """Attention FLOPs per denoising step at ``height x width`` pixels, full attention vs CLEAR.
 
         Counts every attention layer of the transformer (4 FLOPs per allowed query-key pair and
         channel, as the paper does). Returns tokens, per-layer and total FLOPs and the CLEAR fraction.
+        ``pixels_per_token`` defaults to the pipeline's (VAE scale factor x 2); CLEAR installed on a
+        bare model does not know its VAE, so it must be given then.
         """
-        p = self.pixels_per_token
+        p = pixels_per_token or self.pixels_per_token
+        if p is None:
+            raise ValueError("CLEAR was installed on a bare model, which does not know how many image pixels one "
+                             "token covers; pass pixels_per_token= (16 for FLUX.1: VAE factor 8 x 2x2 patches)")
         if height % p or width % p:
             raise ValueError(f"height and width must be multiples of {p} px for this pipeline")
         geometry = Geometry.from_grid(height // p, width // p, text_len)
@@ -85,6 +102,25 @@ class ClearHandle:
         return {"tokens": geometry.total_len, "image_tokens": geometry.image_len, "layers": layers,
                 "full_per_layer": full, "clear_per_layer": clear, "full_total": full * layers,
                 "clear_total": clear * layers, "fraction": clear / full}
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs) -> Path:
+        """peft-style alias of :func:`clear_adapters.save_adapter` (``save_adapter(handle, save_directory)``)."""
+        from .artifact import save_adapter
+
+        return save_adapter(self, save_directory, **kwargs)
+
+    def push_to_hub(self, repo_id: str, *, base_model: str | None = None, trained_resolution=None, provenance=None,
+                    **push_kwargs):
+        """peft-style: save this adapter (:meth:`save_pretrained`) to a temporary folder and
+        :func:`clear_adapters.push` it to ``repo_id``; ``push_kwargs`` are ``push``'s (revision, token, ...)."""
+        import tempfile
+
+        from .publish import push
+
+        with tempfile.TemporaryDirectory(prefix="clear-adapter-") as folder:
+            self.save_pretrained(folder, base_model=base_model, trained_resolution=trained_resolution,
+                                 provenance=provenance)
+            return push(folder, repo_id, **push_kwargs)
 
 
 # ---------------------------------------------------------------------------------------------- resolve
@@ -387,12 +423,26 @@ def _safetensors_metadata(path: Path) -> dict:
 
 # ---------------------------------------------------------------------------------------------- targets
 def flux_models(pipe, *, controlnet: bool = True) -> list[tuple[str, torch.nn.Module]]:
-    """(name, model) of every FLUX-attention model in ``pipe`` (or ``pipe`` itself if it is a model)."""
+    """(name, model) of every FLUX-attention model in ``pipe``.
+
+    ``pipe`` is a diffusers pipeline (its transformer, and its ControlNets unless ``controlnet=False``),
+    a FLUX model, or any ``nn.Module`` holding exactly one FLUX model (a user's wrapper: the model is
+    found by its attention layers, whatever the attribute is called).
+    """
     if isinstance(pipe, torch.nn.Module):
         pipe = getattr(pipe, "_orig_mod", pipe)  # torch.compile wrapper: install on the real module
-        if not weights.attention_layers(pipe):
-            raise IncompatibleModelError(f"{type(pipe).__name__} has no FLUX attention layers")
-        return [("transformer", pipe)]
+        if weights.attention_layers(pipe):
+            return [("transformer", pipe)]
+        inner = find_flux_models(pipe)
+        if len(inner) == 1:
+            logger.info("using the FLUX model at %s.%s", type(pipe).__name__, inner[0][0])
+            return [("transformer", inner[0][1])]
+        if inner:
+            paths = ", ".join(f".{path}" for path, _ in inner)
+            raise IncompatibleModelError(f"{type(pipe).__name__} holds {len(inner)} FLUX models ({paths}); pass the "
+                                         f"one to convert, e.g. load(source, model.{inner[0][0]})")
+        raise IncompatibleModelError(f"{type(pipe).__name__} has no FLUX attention layers and holds no FLUX model "
+                                     "(modules with transformer_blocks.N.attn / single_transformer_blocks.N.attn)")
     components = getattr(pipe, "components", None)
     if not isinstance(components, dict):
         raise IncompatibleModelError(f"{type(pipe).__name__} is neither a diffusers pipeline nor a model")
@@ -417,8 +467,32 @@ def flux_models(pipe, *, controlnet: bool = True) -> list[tuple[str, torch.nn.Mo
     return found
 
 
-def _pixels_per_token(pipe) -> int:
-    return int(getattr(pipe, "vae_scale_factor", 8)) * 2 if not isinstance(pipe, torch.nn.Module) else 16
+_OWNER_OF_LAYER = re.compile(r"^(?:(?P<owner>.+)\.)?(?:single_)?transformer_blocks\.\d+\.attn$")
+
+
+def find_flux_models(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """(attribute path, model) of the FLUX models inside ``module`` (outermost first, one scan)."""
+    owners: list[str] = []
+    for name, sub in module.named_modules():
+        match = _OWNER_OF_LAYER.match(name)
+        if match and match["owner"] and hasattr(sub, "to_q") and hasattr(sub, "processor"):
+            owner = match["owner"]
+            if owner not in owners and not any(owner.startswith(o + ".") for o in owners):
+                owners.append(owner)
+    found = []
+    for owner in owners:
+        model = module.get_submodule(owner)
+        path = owner.removesuffix("._orig_mod")
+        if not any(m is model for _, m in found):
+            found.append((path, model))
+    return found
+
+
+def _pixels_per_token(pipe) -> int | None:
+    """Image pixels per token: VAE scale factor x FLUX's 2x2 patches; unknown for a bare model."""
+    if isinstance(pipe, torch.nn.Module):
+        return None
+    return int(getattr(pipe, "vae_scale_factor", 8)) * 2
 
 
 def _head_shape(model) -> tuple[int, int]:
@@ -518,6 +592,7 @@ def load(source: str | Path, pipe, *, weight_name: str | None = None, subfolder:
             handle.replaced[name] = [n for n, _, _ in weight_plan.writes]
             handle._layer_counts[name] = len(weights.attention_layers(model))
             model._clear_handle = handle
+            _guard_save_pretrained(model)
     except Exception:
         _undo(handle)
         raise
@@ -526,13 +601,18 @@ def load(source: str | Path, pipe, *, weight_name: str | None = None, subfolder:
     return handle
 
 
-def attach(pipe, window_size: float, *, down_factor: int = 1, backend: str = "auto",
+def attach(*args, window_size: float | None = None, pipe=None, down_factor: int = 1, backend: str = "auto",
            proportional_attention: bool = False, controlnet: bool = True) -> ClearHandle:
-    """Install the CLEAR attention pattern without changing any weight (pooling weights start at 1/d^2).
+    """``attach(window_size, pipe, *, down_factor=1, backend="auto", proportional_attention=False, controlnet=True)``
 
+    Install the CLEAR attention pattern without changing any weight (pooling weights start at 1/d^2).
     Useful to study the pattern itself, as the starting point of distillation, and for the exactness
     check: with a window covering the whole image it reproduces full attention.
+
+    Argument order as in :func:`load`: what to install, then where. The earlier order
+    ``attach(pipe, window_size)`` still works and emits a ``DeprecationWarning``.
     """
+    window_size, pipe = _attach_arguments(args, window_size, pipe)
     config = ClearConfig(window_size, down_factor, proportional_attention=proportional_attention, backend=backend)
     targets = flux_models(pipe, controlnet=controlnet)
     _refuse_double_install(targets)
@@ -550,7 +630,64 @@ def attach(pipe, window_size: float, *, down_factor: int = 1, backend: str = "au
         handle.replaced[name] = []
         handle._layer_counts[name] = len(weights.attention_layers(model))
         model._clear_handle = handle
+        _guard_save_pretrained(model)
     return handle
+
+
+def _is_number(value) -> bool:
+    import numbers
+
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _attach_arguments(args: tuple, window_size, pipe):
+    """(window_size, pipe) from ``attach``'s arguments, accepting the deprecated ``attach(pipe, window)``."""
+    given = list(args)
+    if len(given) > 2:
+        raise TypeError(f"attach() takes 2 positional arguments (window_size, pipe), got {len(given)}")
+    old_order = bool(given) and not _is_number(given[0]) and given[0] is not None and pipe is None
+    if old_order:  # attach(pipe, 4) / attach(pipe, window_size=4): the order of 0.1
+        pipe = given.pop(0)
+        if given:
+            if window_size is not None:
+                raise TypeError("attach() got window_size twice")
+            window_size = given.pop(0)
+    if given:
+        if window_size is not None:
+            raise TypeError("attach() got window_size twice")
+        window_size = given.pop(0)
+    if given:
+        if pipe is not None:
+            raise TypeError("attach() got pipe twice")
+        pipe = given.pop(0)
+    if window_size is None or pipe is None:
+        raise TypeError("attach() needs a window size and a pipeline: attach(window_size, pipe)")
+    if old_order:
+        warnings.warn("attach(pipe, window_size) is deprecated: the order is now attach(window_size, pipe), as in "
+                      "load(source, pipe)", DeprecationWarning, stacklevel=3)
+    return window_size, pipe
+
+
+def _guard_save_pretrained(model) -> None:
+    """While CLEAR is installed, ``model.save_pretrained`` (which ``pipe.save_pretrained`` calls) warns.
+
+    Saving then writes CLEAR's projections as if they were the model's own weights, and whoever loads
+    the result gets them with full attention. The guard is an instance attribute removed by unload;
+    a partial of a module-level function keeps the model picklable and deep-copyable.
+    """
+    if callable(getattr(type(model), "save_pretrained", None)):
+        model.save_pretrained = functools.partial(_warn_then_save_pretrained, model)
+
+
+def _warn_then_save_pretrained(model, *args, **kwargs):
+    handle = getattr(model, "_clear_handle", None)
+    if handle is not None:
+        warnings.warn(f"{type(model).__name__} has CLEAR installed ({handle.spec.source}): save_pretrained writes "
+                      "CLEAR's attention projections as if they were the model's own weights, and a model loaded from "
+                      "them runs full attention with them. Call clear_adapters.unload(pipe) first to save the original "
+                      "model; use handle.save_pretrained(directory) to save the adapter.",
+                      ClearPersistenceWarning, stacklevel=2)
+    return type(model).save_pretrained(model, *args, **kwargs)
 
 
 def _refuse_double_install(targets) -> None:
@@ -569,6 +706,8 @@ def _undo(handle: ClearHandle) -> None:
     for model in handle._models:
         if getattr(model, "_clear_handle", None) is handle:
             del model._clear_handle
+        if isinstance(vars(model).get("save_pretrained"), functools.partial):
+            del model.save_pretrained  # our guard (an instance attribute): the class's method is back
         for _, attn in weights.attention_layers(model):
             if getattr(attn, "fused_projections", False):  # fused after loading: rebuild from restored q/k/v
                 attn.unfuse_projections()
@@ -585,10 +724,7 @@ def _undo(handle: ClearHandle) -> None:
 
 def unload(pipe) -> list[ClearHandle]:
     """Remove CLEAR from ``pipe``: original weights (bit-exact) and processors back. Returns what was removed."""
-    if isinstance(pipe, torch.nn.Module):
-        models = [pipe]
-    else:
-        models = [m for _, m in flux_models(pipe, controlnet=True)]
+    models = [m for _, m in flux_models(pipe, controlnet=True)]
     handles = []
     for model in models:
         handle = getattr(model, "_clear_handle", None)
@@ -603,8 +739,7 @@ def unload(pipe) -> list[ClearHandle]:
 
 def get_handle(pipe) -> ClearHandle | None:
     """The handle of the CLEAR adapter installed in ``pipe``, if any."""
-    models = [pipe] if isinstance(pipe, torch.nn.Module) else [m for _, m in flux_models(pipe)]
-    for model in models:
+    for _, model in flux_models(pipe):
         handle = getattr(model, "_clear_handle", None)
         if handle is not None:
             return handle

@@ -302,7 +302,7 @@ class CaseRunner:
         options = {k: v for k, v in self.setup.load_kwargs.items() if k == "controlnet"}
 
         def install():
-            return api.attach(self.setup.pipe, window_size, **options)
+            return api.attach(window_size, self.setup.pipe, **options)
 
         return self._install(install)
 
