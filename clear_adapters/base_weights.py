@@ -27,7 +27,8 @@ from pathlib import Path, PurePosixPath
 
 import torch
 
-from .errors import ClearAdapterError, HubAuthError, HubError, IncompatibleModelError, IntegrityError
+from .errors import (AdapterNotFoundError, ClearAdapterError, HubAuthError, HubError, IncompatibleModelError,
+                     IntegrityError)
 from .weights import check_safetensors_path
 
 logger = logging.getLogger("clear_adapters")
@@ -170,9 +171,9 @@ def _read_hub(repo_id: str, keys, subfolder: str, revision, token, cache_dir, lo
         return _read_hub_cache(repo_id, keys, subfolder, revision, token, cache_dir, local_files_only)
     try:
         return _read_hub_ranges(repo_id, keys, subfolder, revision, token, cache_dir)
-    except HubAuthError:
+    except (HubAuthError, AdapterNotFoundError):  # an answer ("no", "not found"): the cache would not change it
         raise
-    except HubError as exc:  # the Hub is unreachable now: files cached earlier may still serve
+    except HubError as exc:  # the Hub cannot serve now: files cached earlier may still do
         logger.info("reading %s from the Hub failed (%s); trying the local Hub cache", repo_id, exc)
         return _read_hub_cache(repo_id, keys, subfolder, revision, token, cache_dir, True)
 
@@ -229,7 +230,7 @@ def _read_hub_ranges(repo_id: str, keys, subfolder: str, revision, token, cache_
 
 def _read_hub_cache(repo_id: str, keys, subfolder: str, revision, token, cache_dir, local_only: bool):
     """The same tensors from files in the local Hub cache (downloaded whole when online)."""
-    from .errors import AdapterNotFoundError, OfflineError
+    from .errors import OfflineError
     from .hub import download
 
     def fetch(name):
