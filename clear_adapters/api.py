@@ -178,7 +178,8 @@ def _resolve(source, window_size, down_factor, weight_name, subfolder, revision,
     elif path.suffix.lower() in weights.PICKLE_SUFFIXES:
         weights.check_safetensors_path(path)  # raises UnsafeFormatError before "not found"
         raise AdapterNotFoundError(str(path))
-    elif source_str.startswith(("/", ".", "~")) or source_str.endswith(".json"):
+    elif source_str.startswith(("/", ".", "~")) or source_str.endswith(".json") \
+            or (source_str.endswith(".safetensors") and source_str.count("/") < 2):  # not owner/name/file
         raise AdapterNotFoundError(f"no such file or directory: {path}")
     elif _HUB_FILE.match(source_str):  # owner/name/[folder/]file.safetensors, as diffusers loaders accept
         if weight_name or subfolder:

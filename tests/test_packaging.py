@@ -26,6 +26,7 @@ print("WHEEL " + name)
 
 def test_wheel_builds_without_metadata_warnings_and_ships_its_data(tmp_path):
     source = tmp_path / "src"
+    source.mkdir()
     for name in SOURCES:  # a copy: the build writes build/ and *.egg-info next to the sources
         path = ROOT / name
         if path.is_dir():
