@@ -6,8 +6,8 @@ CLEAR and records, per case: PSNR/SSIM of CLEAR vs full attention, the attention
 wall-time ratio, whether the plugin changes the output (on vs off, with and without CLEAR), whether a
 window covering the whole image reproduces full attention (``exact_at_full_window``), whether a small
 window changes the output and whether ``unload`` gives the plugin's full-attention output back. It
-writes ``matrix.json``, ``matrix.md`` (the table a model card embeds) and ``index.html`` with an image
-grid (full | CLEAR | difference, one row per case).
+writes ``matrix.json``, each case's images (its plugin inputs; full | CLEAR | difference) and, through
+:mod:`clear_adapters.reports`, ``matrix.md`` (the table a model card embeds) and ``index.html``.
 
 How cases are registered
 ------------------------
@@ -26,7 +26,6 @@ needs ``--lora PATH``); the report lists the case as skipped with that reason.
 from __future__ import annotations
 
 import fnmatch
-import html
 import importlib
 import json
 import logging
@@ -58,7 +57,7 @@ REAL_THRESHOLDS = {"min_psnr": 14.0, "min_ssim": 0.45}
 #: The trained toy (clear_adapters.toy) separates a good adapter from a bad one, so it is held to what a
 #: distilled adapter must do there: PSNR vs full attention, a gain over the zero-shot pattern (same
 #: window, no weights), the detector's task score kept, the plugin's effect kept, and plugin cases
-#: close to the plugin-free one. Cases may tighten these (``CaseSetup.thresholds``).
+#: close to the plugin-free run. Cases may tighten these (``CaseSetup.thresholds``).
 TOY_THRESHOLDS = {"min_psnr": 14.0, "min_ssim": 0.5, "min_gain_over_zero_shot_db": 4.0, "max_task_drop": 0.10,
                   "min_effect_ratio": 0.9, "max_psnr_drop_vs_plugin_free_db": 3.0,
                   "max_delta_deficit_vs_replace_db": 0.5}
@@ -116,7 +115,7 @@ class CaseSetup:
         task_name: what ``task`` measures, for the report.
         thresholds: this case's own pass thresholds (override the matrix's, written into the report).
         compare_with: ``{other case: threshold key}``: this case's PSNR may be at most that many dB below
-            the other case's (e.g. a plugin case vs the plugin-free one), checked after all cases ran.
+            the other case's (e.g. the delta weight mode vs replace), checked after all cases ran.
     """
 
     pipe: Any
@@ -252,11 +251,11 @@ class MatrixContext:
         With ``share_components`` a variant reuses the loaded base pipeline's text encoders, tokenizers
         and VAE (FLUX variants ship the same ones): only its transformer is loaded (~24 GB instead of ~34).
         """
-        key = (source, getattr(pipeline_class, "__name__", None))
         from .pipelines import is_builtin
         from .pipelines import load_pipeline as load_builtin
 
-        if key not in self._loaded and is_builtin(source):  # "toy": shipped in the package, loaded offline
+        key = (source, getattr(pipeline_class, "__name__", None))
+        if key not in self._loaded and pipeline_class is None and is_builtin(source):  # "toy": shipped, offline
             self._loaded[key] = load_builtin(source, device=self.device, dtype=self.dtype)
         if key not in self._loaded:
             if pipeline_class is None:
@@ -309,7 +308,8 @@ class CaseRunner:
     last_seconds: float = 0.0
 
     def generate(self, pipe=None, **overrides) -> torch.Tensor:
-        """The case's call (plus ``overrides``) on ``pipe`` (default: the case's), as a (3, H, W) CPU tensor."""
+        """The case's call (plus ``overrides``) on ``pipe`` (default: the case's), as a (3, H, W) CPU tensor
+        ((N, 3, H, W) when the call holds N prompts)."""
         pipe = pipe if pipe is not None else self.setup.pipe
         if self.ctx.tiny and self.ctx.device != "cpu":
             pipe.to(self.ctx.device)  # tiny pipelines are built on the CPU; plugins may have added modules since
@@ -326,7 +326,7 @@ class CaseRunner:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.last_seconds = time.perf_counter() - start
-        # One prompt: (3, H, W). Several (a list of prompts in the call): (N, 3, H, W).
+        # One prompt: (3, H, W). Several (the call holds a list of prompts): (N, 3, H, W).
         return (images[0] if len(images) == 1 else images).detach().float().cpu()
 
     def load_clear(self):
@@ -345,7 +345,7 @@ class CaseRunner:
         options = {k: v for k, v in self.setup.load_kwargs.items() if k == "controlnet"}
 
         def install():
-            return api.attach(self.setup.pipe, window_size, **options)
+            return api.attach(window_size, self.setup.pipe, **options)
 
         return self._install(install)
 
@@ -434,10 +434,13 @@ def _first(image: torch.Tensor) -> torch.Tensor:
 
 
 def run_case(case: Case, ctx: MatrixContext, adapter: str, window_size: float | None, thresholds: dict,
-             small_window: float) -> tuple[dict, list | None]:
-    """Run one case; returns (its report entry, [full, CLEAR, difference] images or None).
+             small_window: float) -> tuple[dict, dict | None]:
+    """Run one case; returns (its report entry, its images or None).
 
-    ``small_window`` is the adapter's window: the bare pattern there (no weights) is the zero-shot run.
+    Images: ``{"full", "clear", "zero_shot", "difference"}`` tensors (the first prompt's when the call
+    holds several) and ``"inputs"``, the plugin's own inputs as ``[(label, image)]`` (see
+    :func:`plugin_inputs`). ``small_window`` is the adapter's window: the bare pattern there (no
+    weights changed) is the zero-shot run.
     """
     from . import api
     from .imaging import difference, psnr, ssim
@@ -503,6 +506,8 @@ def run_case(case: Case, ctx: MatrixContext, adapter: str, window_size: float | 
     _cleanup(setup)
     value_psnr, value_ssim = _per_image(psnr, clear, full), _per_image(ssim, clear, full)
     zero_psnr, zero_ssim = _per_image(psnr, zero_shot, full), _per_image(ssim, zero_shot, full)
+    # CLEAR vs full with the plugin off (same prompts and seeds): what the plugin itself costs CLEAR.
+    plugin_free_psnr = _per_image(psnr, off_clear, off) if (off is not None and off_clear is not None) else None
     tolerance = thresholds["exact_tolerance"]
     if exact is not None:
         checks["exact_at_full_window"] = exact <= tolerance
@@ -518,8 +523,6 @@ def run_case(case: Case, ctx: MatrixContext, adapter: str, window_size: float | 
     checks["ssim"] = value_ssim >= thresholds["min_ssim"]
     if "min_gain_over_zero_shot_db" in thresholds:
         checks["gain_over_zero_shot"] = value_psnr - zero_psnr >= thresholds["min_gain_over_zero_shot_db"]
-    # CLEAR vs full with the plugin off (same prompts and seeds): how much the plugin itself costs CLEAR.
-    plugin_free_psnr = _per_image(psnr, off_clear, off) if (off is not None and off_clear is not None) else None
     if plugin_free_psnr is not None and "max_psnr_drop_vs_plugin_free_db" in thresholds:
         checks["psnr_near_plugin_free"] = \
             plugin_free_psnr - value_psnr <= thresholds["max_psnr_drop_vs_plugin_free_db"]
@@ -534,27 +537,31 @@ def run_case(case: Case, ctx: MatrixContext, adapter: str, window_size: float | 
     entry.update(
         status="ok", psnr=_finite(value_psnr), ssim=value_ssim, zero_shot_psnr=_finite(zero_psnr),
         zero_shot_ssim=zero_ssim, gain_over_zero_shot_db=_finite(value_psnr - zero_psnr),
-        plugin_free_psnr=_finite(plugin_free_psnr) if plugin_free_psnr is not None else None,
-        images=int(full.shape[0]) if full.ndim == 4 else 1,
+        plugin_free_psnr=None if plugin_free_psnr is None else _finite(plugin_free_psnr),
+        prompts=int(full.shape[0]) if full.ndim == 4 else 1,
         exact_at_full_window=checks.get("exact_at_full_window"),
         exact_max_difference=exact, small_window=small_window, small_window_max_difference=small,
         plugin_changes_output=checks.get("plugin_changes_output"), plugin_max_difference=plugin_effect,
         plugin_changes_output_with_clear=checks.get("plugin_changes_output_with_clear"),
         plugin_max_difference_with_clear=plugin_effect_clear, off=setup.off_description or None,
         clear_kernel_calls=clear_calls, restored_max_difference=restored,
-        time_full_s=full_seconds, time_clear_s=clear_seconds, time_ratio=clear_seconds / max(full_seconds, 1e-9),
+        time_full_s=full_seconds, time_clear_s=clear_seconds, speedup=full_seconds / max(clear_seconds, 1e-9),
         task_name=setup.task_name or None, task=task, compare_with=dict(setup.compare_with) or None,
         thresholds=dict(setup.thresholds) or None,
         extra={k: v for k, v in extra.items()}, checks=checks, notes=setup.notes or None,
         seconds=time.perf_counter() - start)
     entry["failed_checks"] = [k for k, ok in checks.items() if not ok]
     entry["passed"] = not entry["failed_checks"]
-    # Small differences are scaled up so the grid shows where they are; the gain is in the report.
-    full, clear = _first(full), _first(clear)
+    # Small differences are scaled up so the panel shows where they are; the gain is in the report.
+    full, clear, zero_shot = _first(full), _first(clear), _first(zero_shot)
     largest = max(float((clear - full).abs().max()), 1e-12)
     gain = float(min(MAX_DIFFERENCE_GAIN, max(MIN_DIFFERENCE_GAIN, 1.0 / largest)))
     entry["difference_gain"] = gain
-    return entry, [full, clear, difference(clear, full, gain=gain)]
+    images = {"full": full, "clear": clear, "difference": difference(clear, full, gain=gain),
+              "inputs": plugin_inputs(case, setup.call)}
+    if setup.task is not None:  # trained models: the zero-shot image is worth a look (on random ones it is noise)
+        images["zero_shot"] = zero_shot
+    return entry, images
 
 
 def _task_scores(setup: CaseSetup, images: dict) -> dict:
@@ -563,8 +570,7 @@ def _task_scores(setup: CaseSetup, images: dict) -> dict:
               if images.get(name) is not None}
     if "off" in scores:
         scores["effect_full"] = scores["full"] - scores["off"]
-        off_clear = scores.get("off_clear", scores["off"])
-        scores["effect_clear"] = scores["clear"] - off_clear
+        scores["effect_clear"] = scores["clear"] - scores.get("off_clear", scores["off"])
         scores["effect_ratio"] = (scores["effect_clear"] / scores["effect_full"]) if scores["effect_full"] > 0 \
             else None
     return scores
@@ -577,20 +583,22 @@ def _compare_cases(entries: list[dict], thresholds: dict) -> list[dict]:
     by_name = {e["name"]: e for e in entries}
     failed = []
     for e in entries:
+        if e.get("status") != "ok":
+            continue
         for other, key in (e.get("compare_with") or {}).items():
-            if e["status"] != "ok":
-                continue
             ref = by_name.get(other)
             limit = {**thresholds, **(e.get("thresholds") or {})}.get(key)
-            if ref is None or ref["status"] != "ok" or limit is None:
-                e.setdefault("extra", {})[f"psnr_vs_{other}"] = "not run"
+            if ref is None or ref.get("status") != "ok" or limit is None:
+                e["extra"][f"psnr_vs_{other}"] = "not run"
                 continue
-            below = (ref["psnr"] or math.inf) - (e["psnr"] or math.inf) if ref["psnr"] is not None else 0.0
+            below = (math.inf if ref["psnr"] is None else ref["psnr"]) - \
+                (math.inf if e["psnr"] is None else e["psnr"])
+            below = 0.0 if math.isnan(below) else below
             e.setdefault("psnr_below", {})[other] = below
-            ok = below <= limit
-            e["checks"][f"psnr_within_{limit:g}db_of_{other}"] = ok
-            if not ok:
-                e["failed_checks"].append(f"psnr_within_{limit:g}db_of_{other}")
+            name = f"psnr_within_{limit:g}db_of_{other}"
+            e["checks"][name] = below <= limit
+            if below > limit:
+                e["failed_checks"].append(name)
                 e["passed"] = False
                 failed.append(e)
     return failed
@@ -623,7 +631,7 @@ def run_matrix(pipeline: str = "tiny", adapter: str | None = None, *, out: str |
                max_sequence_length: int | None = None, resources: dict[str, list[str]] | None = None,
                thresholds: dict | None = None,
                device: str | None = None, dtype: str | torch.dtype | None = None,
-               printer: Callable[[str], None] | None = print) -> dict:
+               printer: Callable[[str], None] | None = print, threads: int | None = None) -> dict:
     """Run the compatibility matrix and write ``matrix.json``, ``matrix.md`` and ``index.html`` to ``out``.
 
     Args:
@@ -641,6 +649,9 @@ def run_matrix(pipeline: str = "tiny", adapter: str | None = None, *, out: str |
         resources: plugin weights for real pipelines (see :class:`MatrixContext`).
         thresholds: ``{"min_psnr": dB, "min_ssim": x, "exact_tolerance": max |difference|}``, written into
             the report (``exact_tolerance``: 1e-5 in float32, 5e-2 in bf16/fp16 where the kernels differ).
+        threads: torch CPU threads while cases run (default: 1 for the tiny pipeline, else torch's).
+    Each case's images (its inputs, full | CLEAR | difference) go to ``out/images``; the reports are
+    rendered by :mod:`clear_adapters.reports`. A progress bar shows on a terminal.
     Returns the report (also in ``matrix.json``); ``report["passed"]`` is False when a case failed.
     """
     out = Path(out)
@@ -684,40 +695,49 @@ def run_matrix(pipeline: str = "tiny", adapter: str | None = None, *, out: str |
     say(f"compatibility matrix: pipeline {pipeline}, adapter {adapter} (window {window}), "
         f"{ctx.width}x{ctx.height} px, {ctx.steps} steps, seed {seed}, {len(selected)} cases")
     started = time.perf_counter()
-    entries, rows, row_names = [], [], []
-    threads = torch.get_num_threads()
-    if tiny:  # tiny models are overhead-bound: extra threads only add synchronisation (10x slower when busy)
-        torch.set_num_threads(1)
-    try:
-        for case in selected:
-            entry, images = run_case(case, ctx, adapter, window_size, thresholds, small_window)
-            entries.append(entry)
-            if images is not None:
-                rows.append(images)
-                row_names.append(case.name)
-            say(_one_line(entry))
-    finally:
+    from . import reports
+    from .progress import progress
+
+    entries = []
+    before = torch.get_num_threads()
+    if threads is None and tiny:  # tiny models are overhead-bound: extra threads only add synchronisation
+        threads = 1
+    if threads is not None:
         torch.set_num_threads(threads)
+    try:
+        bar = progress(selected, desc="matrix", unit="case")
+        for case in bar:
+            bar.set_postfix_str(case.name)
+            entry, images = run_case(case, ctx, adapter, window_size, thresholds, small_window)
+            if images is not None:
+                entry["images"] = reports.write_case_images(out, case.name, images)
+            entries.append(entry)
+            if printer is print:
+                bar.write(_one_line(entry))  # printed above the bar, which stays at the bottom
+            else:
+                say(_one_line(entry))
+        bar.close()
+    finally:
+        torch.set_num_threads(before)
     for e in _compare_cases(entries, thresholds):
-        say(f"  FAIL {e['name']}: PSNR more than allowed below {', '.join(e['psnr_below'])}")
+        say(f"  FAIL {e['name']}: PSNR further below {', '.join(e['psnr_below'])} than allowed")
     report = {
         "pipeline": pipeline, "adapter": adapter, "window_size": window, "height": ctx.height, "width": ctx.width,
         "steps": ctx.steps, "seed": seed, "prompt": ctx.prompt, "max_sequence_length": ctx.max_sequence_length,
         "device": device, "dtype": str(dtype).replace("torch.", ""),
         "thresholds": {**thresholds, "differs_tolerance": DIFFERS_TOLERANCE,
                        "small_window": small_window, "full_window": FULL_WINDOW},
-        "versions": _versions(), "seconds": None, "cases": entries,
+        "hardware": hardware(device), "versions": _versions(), "seconds": None, "cases": entries,
+        "mechanics": ctx.mechanics,
     }
     run_ones = [e for e in entries if e["status"] != "skipped"]
     report["passed"] = all(e["passed"] for e in run_ones)
     report["summary"] = {"cases": len(entries), "passed": sum(1 for e in run_ones if e["passed"]),
                          "failed": sum(1 for e in run_ones if not e["passed"]),
                          "skipped": sum(1 for e in entries if e["status"] == "skipped")}
-    report["grid"] = _write_grid(out, rows, row_names)
     report["seconds"] = time.perf_counter() - started
     (out / "matrix.json").write_text(json.dumps(report, indent=2, default=_json_default))
-    (out / "matrix.md").write_text(render_markdown(report))
-    (out / "index.html").write_text(render_html(report))
+    reports.write_reports(out, report)
     summary = report["summary"]
     say(f"{summary['passed']} passed, {summary['failed']} failed, {summary['skipped']} skipped in "
         f"{report['seconds']:.1f} s; wrote {out / 'matrix.json'}, {out / 'matrix.md'}, {out / 'index.html'}")
@@ -745,13 +765,13 @@ def _one_line(entry: dict) -> str:
     failed = f" failed: {', '.join(entry['failed_checks'])}" if entry["failed_checks"] else ""
     task = entry.get("task")
     task_text = ""
-    if task:
+    if task:  # full / CLEAR / zero-shot
         task_text = f"  {entry['task_name'] or 'task'} {task['full']:.2f}/{task['clear']:.2f}/{task['zero_shot']:.2f}"
         if task.get("effect_ratio") is not None:
-            task_text += f" effect x{task['effect_ratio']:.2f}"
+            task_text += f" (effect x{task['effect_ratio']:.2f})"
     return (f"  {flag} {entry['name']:<34} PSNR {_fmt(entry['psnr'], '.2f')} dB  SSIM {entry['ssim']:.3f}  "
             f"zero-shot {_fmt(entry['zero_shot_psnr'], '.2f')} dB{task_text}  "
-            f"FLOPs {_fmt(entry['flop_fraction'], '.1%')}  time x{entry['time_ratio']:.2f}{failed}")
+            f"FLOPs {_fmt(entry['flop_fraction'], '.1%')}  speedup {entry['speedup']:.2f}x{failed}")
 
 
 def _fmt(value, spec: str) -> str:
@@ -781,113 +801,54 @@ def _json_default(obj):
     return str(obj)
 
 
-GRID_NAME = "matrix_grid.png"
-GRID_COLUMNS = ["full attention", "CLEAR", "|CLEAR - full| x gain (difference_gain per case, >= 4)"]
+#: The difference panel is |CLEAR - full| x gain, the gain chosen per case so the largest difference
+#: is visible (at least 4x, at most 256x); each report prints the gain it used.
 MIN_DIFFERENCE_GAIN, MAX_DIFFERENCE_GAIN = 4.0, 256.0
-GRID_GAP = 4
+
+#: What the plugin inputs of a case's pipeline call are called in the reports.
+INPUT_LABELS = {"control_image": "ControlNet condition (Canny edges)", "ip_adapter_image": "IP-Adapter image",
+                "mask_image": "Fill mask (white: repainted)"}
 
 
-def _write_grid(out: Path, rows: list, names: list[str]) -> dict | None:
-    from .imaging import side_by_side
+def plugin_inputs(case: Case, call: dict) -> list[tuple[str, Any]]:
+    """The images a case hands its pipeline (Canny map, IP image, Kontext reference, Fill mask, ...),
+    labelled for the reports. Found in the call itself, so no case has to declare them."""
+    from PIL import Image
 
-    if not rows:
-        return None
-    scale = max(1, 128 // max(rows[0][0].shape[-1], 1))  # tiny 64 px images are shown at 128 px
-    image = side_by_side(rows, gap=GRID_GAP, scale=scale)
-    image.save(out / GRID_NAME)
-    height, width = rows[0][0].shape[-2:]
-    return {"file": GRID_NAME, "rows": names, "columns": GRID_COLUMNS, "cell_width": width * scale,
-            "cell_height": height * scale, "gap": GRID_GAP, "width": image.width, "height": image.height}
-
-
-def _cell(value, spec: str, missing: str = "-") -> str:
-    if value is None:
-        return missing
-    if isinstance(value, bool):
-        return "yes" if value else "**no**"
-    return format(value, spec)
+    found = []
+    batch = isinstance(call.get("prompt"), (list, tuple))  # one input per prompt: show the first prompt's
+    for key, value in call.items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        images = [v for v in values if isinstance(v, Image.Image)][:1 if batch else None]
+        label = _image_label(case) if key == "image" else INPUT_LABELS.get(key, key)
+        for i, image in enumerate(images):
+            found.append((f"{label} {i + 1}" if len(images) > 1 else label, image))
+    return found
 
 
-def render_markdown(report: dict) -> str:
-    """The matrix as a Markdown section (what the model card embeds)."""
-    t = report["thresholds"]
-    lines = [
-        f"Compatibility matrix: pipeline `{report['pipeline']}`, adapter `{report['adapter']}` "
-        f"(window {report['window_size']}), {report['width']}x{report['height']} px, {report['steps']} steps, "
-        f"seed {report['seed']}, {report['device']}/{report['dtype']}. CLEAR vs full attention on the same seed; "
-        f"pass: PSNR >= {t['min_psnr']} dB, SSIM >= {t['min_ssim']}, full-window run equal to full attention "
-        f"(<= {t['exact_tolerance']:g}), plugin on/off differs, unload restores the output"
-        + "".join(f", {k} {v:g}" for k, v in t.items() if k in TOY_THRESHOLDS and k not in ("min_psnr", "min_ssim"))
-        + ". Zero-shot: the same window with no weights changed. Task: detector score full / CLEAR / zero-shot.",
-        "",
-        "| case | plugin | PSNR (dB) | SSIM | zero-shot PSNR (dB) | task full / CLEAR / zero-shot | "
-        "attention FLOPs | time ratio | plugin changes output | exact at full window | result |",
-        "|---|---|---:|---:|---:|:-:|---:|---:|:-:|:-:|:-:|",
-    ]
-    for e in report["cases"]:
-        if e["status"] == "skipped":
-            lines.append(f"| {e['name']} | {e['plugin']} | | | | | | | | | skipped: {e['reason']} |")
-            continue
-        if e["status"] == "error":
-            lines.append(f"| {e['name']} | {e['plugin']} | | | | | | | | | **error**: {e['error'][:120]} |")
-            continue
-        effect = e["plugin_changes_output"]
-        if e.get("plugin_changes_output_with_clear") is not None:
-            effect = effect and e["plugin_changes_output_with_clear"] if effect is not None else \
-                e["plugin_changes_output_with_clear"]
-        result = "pass" if e["passed"] else "**FAIL** (" + ", ".join(e["failed_checks"]) + ")"
-        task = e.get("task")
-        task_cell = f"{task['full']:.2f} / {task['clear']:.2f} / {task['zero_shot']:.2f}" if task else "-"
-        lines.append(f"| {e['name']} | {e['plugin']} | {_cell(e['psnr'], '.2f', 'inf')} | {e['ssim']:.3f} | "
-                     f"{_cell(e.get('zero_shot_psnr'), '.2f', 'inf')} | {task_cell} | "
-                     f"{_cell(e['flop_fraction'], '.1%')} | {e['time_ratio']:.2f} | {_cell(effect, '')} | "
-                     f"{_cell(e['exact_at_full_window'], '')} | {result} |")
-    s = report["summary"]
-    lines += ["", f"{s['passed']} passed, {s['failed']} failed, {s['skipped']} skipped. Versions: "
-              + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v and k != "platform") + "."]
-    return "\n".join(lines) + "\n"
+def _image_label(case: Case) -> str:
+    name = case.name.lower()
+    for word, label in (("kontext", "Kontext reference image"), ("fill", "image to fill"),
+                        ("img2img", "Img2Img input image")):
+        if word in name:
+            return label
+    return "input image"
 
 
-def render_html(report: dict) -> str:
-    """A standalone HTML page: the table and the image grid (full | CLEAR | difference per case)."""
-    esc = html.escape
-    rows = []
-    for e in report["cases"]:
-        if e["status"] != "ok":
-            why = e.get("reason") or e.get("error") or ""
-            rows.append(f"<tr class='{e['status']}'><td>{esc(e['name'])}</td><td>{esc(e['plugin'])}</td>"
-                        f"<td colspan='6'>{esc(e['status'])}: {esc(why)}</td></tr>")
-            continue
-        result = "pass" if e["passed"] else "FAIL: " + ", ".join(e["failed_checks"])
-        rows.append(
-            f"<tr class='{'pass' if e['passed'] else 'fail'}'><td>{esc(e['name'])}</td><td>{esc(e['plugin'])}</td>"
-            f"<td>{_cell(e['psnr'], '.2f', 'inf')}</td><td>{e['ssim']:.3f}</td>"
-            f"<td>{_cell(e['flop_fraction'], '.1%')}</td><td>{e['time_ratio']:.2f}</td>"
-            f"<td>{esc(str(e['exact_at_full_window']))}</td><td>{esc(result)}</td></tr>")
-    grid = report.get("grid")
-    grid_html = "<p>No case produced images.</p>"
-    if grid:
-        labels = "".join(f"<li>{esc(n)}</li>" for n in grid["rows"])
-        grid_html = (f"<p>Columns: {esc(' | '.join(grid['columns']))}. Rows, top to bottom:</p><ol>{labels}</ol>"
-                     f"<img src='{esc(grid['file'])}' alt='full attention, CLEAR and difference per case' "
-                     f"width='{grid['width']}' height='{grid['height']}'>")
-    title = f"CLEAR compatibility matrix: {report['pipeline']}"
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>
-<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px 8px}}tr.fail td,tr.error td{{background:#fdd}}
-tr.skipped td{{color:#777}}img{{image-rendering:pixelated}}</style></head>
-<body><h1>{esc(title)}</h1>
-<p>Adapter {esc(str(report['adapter']))} (window {esc(str(report['window_size']))}),
-{report['width']}x{report['height']} px, {report['steps']} steps, seed {report['seed']}.
-Thresholds: {esc(json.dumps(report['thresholds']))}.</p>
-<table><tr><th>case</th><th>plugin</th><th>PSNR (dB)</th><th>SSIM</th><th>attention FLOPs</th>
-<th>time ratio</th><th>exact at full window</th><th>result</th></tr>
-{''.join(rows)}</table>
-<h2>Images</h2>
-{grid_html}
-</body></html>
-"""
+def hardware(device: str | None = None) -> str:
+    """What ran the matrix, in words: the GPU's name, or the CPU's model and core count."""
+    import os
+
+    if device and str(device).startswith("cuda") and torch.cuda.is_available():
+        index = torch.device(device).index or 0
+        return f"{torch.cuda.get_device_name(index)} (CUDA {torch.version.cuda})"
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            model = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"CPU: {model}, {os.cpu_count()} cores"
 
 
 def known_case_names() -> list[str]:
@@ -896,5 +857,5 @@ def known_case_names() -> list[str]:
 
 
 __all__ = ["Case", "CaseSetup", "CaseSkipped", "CaseRunner", "MatrixContext", "register_case", "discover_cases",
-           "select_cases", "run_matrix", "run_case", "render_markdown", "render_html", "drop", "max_difference",
+           "select_cases", "default_patterns", "run_matrix", "run_case", "plugin_inputs", "hardware", "drop", "max_difference",
            "known_case_names"]

@@ -41,7 +41,7 @@ def single_object_runs(toy_pipe):
     clear_adapters.load("toy/r4", toy_pipe)
     runs["distilled"] = _generate(toy_pipe, scenes)
     clear_adapters.unload(toy_pipe)
-    clear_adapters.attach(toy_pipe, 4)
+    clear_adapters.attach(4, toy_pipe)
     runs["zero_shot"] = _generate(toy_pipe, scenes)
     clear_adapters.unload(toy_pipe)
     return scenes, runs

@@ -42,7 +42,7 @@ def run_toy_demo(out: str | Path, prompts=DEMO_PROMPTS, adapter: str = "toy", st
         raise ValueError("the demo needs at least one prompt")
     pipe = toy.toy_pipeline()
     runs = {"full": None, "distilled": lambda: api.load(adapter, pipe),
-            "zero-shot": lambda: api.attach(pipe, api.resolve(adapter, download=False).config.window_size)}
+            "zero-shot": lambda: api.attach(api.resolve(adapter, download=False).config.window_size, pipe)}
     images, seconds, handle = {}, {}, None
     bar = tqdm(total=len(runs) * steps, desc="demo (toy, 32 px)", unit="step", disable=not progress)
 
