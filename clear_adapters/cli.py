@@ -13,7 +13,7 @@ import sys
 
 from .errors import ClearAdapterError
 
-COMMAND_MODULES = ("core", "bench", "hub", "matrix")
+COMMAND_MODULES = ("core", "bench", "hub", "matrix", "distill")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -31,3 +31,8 @@ class OfflineError(HubError):
 
 class HubAuthError(HubError):
     """The Hub rejected the credentials (missing, invalid or lacking permission)."""
+
+
+class DistillationError(ClearAdapterError, ValueError):
+    """Distillation settings or data that cannot work (a window that covers the whole image, an empty
+    prompt list, an output directory holding another adapter, a checkpoint from other settings)."""

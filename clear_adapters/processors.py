@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -318,3 +319,27 @@ def detach(install: ModelInstallation) -> None:
             del attn._clear_state
     if getattr(install.model, "_clear_context", None) is install.context:
         del install.model._clear_context
+
+
+@contextmanager
+def suspended(install: ModelInstallation):
+    """Run ``install.model`` with its original attention for a while (e.g. as the teacher of distillation).
+
+    Each layer's CLEAR state is set aside (so the keep-CLEAR hook leaves the stock processor alone) and
+    the processor it replaced is put back; on exit CLEAR state and processors return as they were.
+    """
+    from .weights import attention_layers
+
+    layers = dict(attention_layers(install.model))
+    saved = []
+    try:
+        for name, original in install.original_processors.items():
+            attn = layers[name]
+            saved.append((attn, attn._clear_state, attn.processor))
+            del attn._clear_state
+            attn.set_processor(original)
+        yield install.model
+    finally:
+        for attn, state, processor in reversed(saved):
+            attn._clear_state = state
+            attn.set_processor(processor)
