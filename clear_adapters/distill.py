@@ -415,7 +415,9 @@ class Distiller:
         from .student import TeacherStudent
 
         s = self.settings
-        self.accelerator = Accelerator()
+        # on a CPU-only machine accelerate recognises a multi-process launch (torchrun) only with cpu=True
+        on_cpu = (self.device is not None and self.device.type == "cpu") or not torch.cuda.is_available()
+        self.accelerator = Accelerator(cpu=on_cpu)
         distributed = self.accelerator.num_processes > 1
         if distributed:
             self.device = self.accelerator.device

@@ -79,16 +79,19 @@ class TeacherStudent:
         self.handle = api.attach(model, window_size, down_factor=down_factor, backend=backend)
         self._install = self.handle._installs[0]
         self.projections: list[_Projection] = []
-        for layer, attn in attention_layers(model):
-            for proj in _projections(attn):
-                module = attn.get_submodule(proj)
-                for pname, param in list(module.named_parameters(recurse=False)):
-                    copy = torch.nn.Parameter(param.detach().to(dtype=master_dtype, copy=True))
-                    self.projections.append(_Projection(f"{layer}.{proj}.{pname}", module, pname, param, copy))
         self.spatial_weights: dict[str, torch.nn.Parameter] = {}
-        if down_factor > 1:
+        try:  # e.g. out of memory for the copies: nothing may stay half-installed
             for layer, attn in attention_layers(model):
-                self.spatial_weights[f"{layer}.processor.spatial_weight"] = attn._clear_state.spatial_weight
+                for proj in _projections(attn):
+                    module = attn.get_submodule(proj)
+                    for pname, param in list(module.named_parameters(recurse=False)):
+                        copy = torch.nn.Parameter(param.detach().to(dtype=master_dtype, copy=True))
+                        self.projections.append(_Projection(f"{layer}.{proj}.{pname}", module, pname, param, copy))
+                if down_factor > 1:
+                    self.spatial_weights[f"{layer}.processor.spatial_weight"] = attn._clear_state.spatial_weight
+        except BaseException:
+            api.unload(model)
+            raise
         for param in model.parameters():
             param.requires_grad_(False)
         self._mode = "teacher"
