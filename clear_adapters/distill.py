@@ -205,9 +205,10 @@ def pipeline_fingerprint(pipe) -> str:
 
 
 def _image_ids(height: int, width: int, device, dtype) -> torch.Tensor:
-    """FLUX ``img_ids`` (N, 3) of a ``height x width`` token grid: (0, row, column), row-major."""
-    rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
-    return torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).to(device=device, dtype=dtype)
+    """FLUX ``img_ids`` (N, 3) of a ``height x width`` token grid, built as FLUX pipelines build them."""
+    from diffusers import FluxPipeline
+
+    return FluxPipeline._prepare_latent_image_ids(1, height, width, device, dtype)
 
 
 def _is_hub_id(name: str | None) -> bool:

@@ -20,6 +20,7 @@ and timesteps included) that an uninterrupted one would have drawn.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -275,6 +276,7 @@ def self_generate(pipe, prompts: list[str], count: int, grids: list[tuple[int, i
     from tqdm.auto import tqdm
 
     prompts = list(prompts[:count])  # fewer samples than prompts: the first ones
+    accepted = inspect.signature(pipe.__call__).parameters
     embeds, pooled = encode_prompts(pipe, prompts, max_sequence_length=max_sequence_length, device=device)
     ppt = 2 * int(pipe.vae_scale_factor)
     channels = pipe.transformer.config.in_channels
@@ -290,10 +292,12 @@ def self_generate(pipe, prompts: list[str], count: int, grids: list[tuple[int, i
                                            generator=torch.Generator().manual_seed(seed_of(seed, tag, i)))
                                for i in chunk])
             rows = [plan[i][0] for i in chunk]
+            height, width = grid[0] * ppt, grid[1] * ppt
+            # Kontext-style pipelines rescale to max_area (about 1 MP) unless told the size is wanted
+            extra = {"max_area": height * width} if "max_area" in accepted else {}
             out = pipe(prompt_embeds=embeds[rows].to(device), pooled_prompt_embeds=pooled[rows].to(device),
-                       latents=noise.to(device=device, dtype=embeds.dtype), height=grid[0] * ppt,
-                       width=grid[1] * ppt, num_inference_steps=steps, guidance_scale=guidance,
-                       output_type="latent").images
+                       latents=noise.to(device=device, dtype=embeds.dtype), height=height, width=width,
+                       num_inference_steps=steps, guidance_scale=guidance, output_type="latent", **extra).images
             latents.append(out.cpu())
             bar.update(len(chunk))
         buckets.append(Bucket(grid[0], grid[1], torch.cat(latents),
@@ -312,6 +316,7 @@ def encode_images(pipe, images: list[tuple[Path, str]], grids: list[tuple[int, i
                   device, batch_size: int, quiet) -> DataSet:
     """Encode ``(image, caption)`` pairs with the pipeline's VAE at the training grid closest in aspect ratio
     (resized to cover it, centre-cropped); the VAE posterior mean is used (deterministic)."""
+    from diffusers import FluxPipeline
     from PIL import Image, ImageOps
     from tqdm.auto import tqdm
 
@@ -338,9 +343,7 @@ def encode_images(pipe, images: list[tuple[Path, str]], grids: list[tuple[int, i
         for start in range(0, len(items), batch_size):
             pixels = torch.stack([p for p, _ in items[start:start + batch_size]]).to(device=device, dtype=vae.dtype)
             z = (vae.encode(pixels).latent_dist.mode() - shift) * scale
-            b, c, h, w = z.shape  # pack 2x2 patches into tokens, as FLUX pipelines do
-            z = z.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
-            latents.append(z.cpu())
+            latents.append(FluxPipeline._pack_latents(z, *z.shape).cpu())  # 2x2 patches -> tokens, as FLUX does
         buckets.append(Bucket(grid[0], grid[1], torch.cat(latents),
                               torch.tensor([i for _, i in items], dtype=torch.int64)))
     return DataSet(prompts, embeds, pooled, buckets)

@@ -279,6 +279,19 @@ def test_image_folder_data_is_encoded_with_the_vae_and_cached(tmp_path):
     assert again["data"]["from_cache"] and again["error_before"] == report["error_before"]
 
 
+@pytest.mark.parametrize("variant", ["schnell", "kontext"])
+def test_flux_variants_distil_and_load(tmp_path, variant):
+    from diffusers import FluxKontextPipeline
+
+    pipe = tiny_flux_pipeline(guidance_embeds=False) if variant == "schnell" else \
+        tiny_flux_pipeline(pipeline_class=FluxKontextPipeline)
+    report = distill(pipe, 2, out=tmp_path, prompts=PROMPTS, steps=1, progress=False, **SMALL)
+    assert report["resolved"]["guidance"] == (None if variant == "schnell" else 3.5)
+    assert 0 < report["error_before"] and report["error_after"] >= 0
+    clear_adapters.load(tmp_path, pipe)
+    clear_adapters.unload(pipe)
+
+
 # ------------------------------------------------------------------------------------------ bad input
 def _cli(args, capsys):
     code = main(["distill", *args])
