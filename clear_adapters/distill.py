@@ -248,7 +248,7 @@ class Distiller:
         resume: a checkpoint (or an output directory holding one) to continue from.
         overwrite: allow ``out`` to hold another adapter or checkpoint (they are replaced).
         device: where to train (default: where the transformer is; under ``accelerate launch`` with
-            several processes, each process's device).
+            several processes, each process's device); a pipeline moved there is moved back on close.
         progress: tqdm progress bars (default: only on a terminal).
         base_name, base_revision: how the base model is named in the provenance (e.g. the Hub id);
             a Hub id becomes the adapter's ``base_model``.
@@ -284,12 +284,18 @@ class Distiller:
         self.max_sequence_length = settings.max_sequence_length or int(_call_default(pipe, "max_sequence_length", 512))
         self.generation_steps = settings.generation_steps or int(_call_default(pipe, "num_inference_steps", 28))
         self.uses_guidance = bool(getattr(self.transformer.config, "guidance_embeds", False))
+        singles = len(getattr(self.transformer, "single_transformer_blocks", []))
+        self.attn_layers = [f"single_transformer_blocks.{i}.attn" for i in range(singles)
+                            if i % settings.attn_loss_every == 0]
+        if settings.loss_weights[2] > 0 and not self.attn_layers:
+            raise DistillationError(f"{type(self.transformer).__name__} has no single-stream blocks for the "
+                                    "attention loss; set its weight to 0")
         self.data_dir = Path(data_dir) if data_dir is not None else None
         if self.data_dir is not None:
             if prompts is not None:
                 raise DistillationError("give prompts (self-generated data) or data_dir (images), not both")
-            images = data_mod.list_images(self.data_dir)
-            self.train_images, self.eval_images, self.eval_disjoint = self._split(images, settings.eval_samples)
+            split = data_mod.split_held_out(data_mod.list_images(self.data_dir), settings.eval_samples)
+            self.train_images, self.eval_images, self.eval_disjoint = split
         else:
             if prompts is None:
                 train_prompts, held = list(data_mod.BUILTIN_PROMPTS), list(data_mod.BUILTIN_EVAL_PROMPTS)
@@ -300,7 +306,7 @@ class Distiller:
                 prompts = [p.strip() for p in prompts if p.strip()]
                 if not prompts:
                     raise DistillationError("the prompt list is empty")
-                train_prompts, held, self.eval_disjoint = data_mod.split_prompts(prompts, settings.eval_samples)
+                train_prompts, held, self.eval_disjoint = data_mod.split_held_out(prompts, settings.eval_samples)
             if eval_prompts is not None:
                 held = [p.strip() for p in eval_prompts if p.strip()]
                 if not held:
@@ -316,7 +322,12 @@ class Distiller:
         self._check_out(overwrite)
         self.overwrite = overwrite
         self.device = torch.device(device) if device is not None else None
-        self.base_name = base_name or getattr(self.transformer.config, "_name_or_path", None) or None
+        if base_name is None:  # a Hub id the pipeline was loaded from; never a local path (it would be published)
+            loaded_from = getattr(getattr(pipe, "config", None), "_name_or_path", None)
+            base_name = loaded_from if _is_hub_id(loaded_from) else None
+        elif not _is_hub_id(base_name) and Path(base_name).exists():
+            base_name = Path(base_name).resolve().name
+        self.base_name = base_name
         self.base_revision = base_revision
         self.run = _Run()
         self.teacher_student = None
@@ -342,15 +353,6 @@ class Distiller:
                     f"distil; use a window below {math.hypot(gh - 1, gw - 1):.1f} tokens or a larger resolution")
             grids.append((gh, gw))
         return grids
-
-    @staticmethod
-    def _split(items: list, eval_count: int):
-        if len(items) < 5:
-            return items, items, False
-        held = min(eval_count, max(1, len(items) // 10))
-        step = len(items) // held
-        eval_idx = {i * step + step - 1 for i in range(held)}
-        return [x for i, x in enumerate(items) if i not in eval_idx], [items[i] for i in sorted(eval_idx)], True
 
     def _data_keys(self) -> tuple[dict, dict]:
         s = self.settings
@@ -424,7 +426,9 @@ class Distiller:
             self.device = self.accelerator.device
         elif self.device is None:
             self.device = next(self.transformer.parameters()).device
+        self._moved_from = None
         if next(self.transformer.parameters()).device != self.device:
+            self._moved_from = next(self.transformer.parameters()).device
             self.pipe.to(self.device)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.autocast_dtype = torch.bfloat16 if (self.device.type == "cuda"
@@ -506,13 +510,6 @@ class Distiller:
         torch.cuda.empty_cache()
 
     def _install_capture(self) -> None:
-        every = self.settings.attn_loss_every
-        self.attn_layers = [f"single_transformer_blocks.{i}.attn"
-                            for i in range(len(getattr(self.transformer, "single_transformer_blocks", [])))
-                            if i % every == 0]
-        if self.settings.loss_weights[2] > 0 and not self.attn_layers:
-            raise DistillationError(f"{type(self.transformer).__name__} has no single-stream blocks for the "
-                                    "attention loss; set its weight to 0")
         for name in self.attn_layers:
             module = self.transformer.get_submodule(name)
             self._hooks.append(module.register_forward_hook(self._capture_hook(name)))
@@ -714,6 +711,8 @@ class Distiller:
             self.teacher_student.close()
         for model, device in getattr(self, "_parked", []):
             model.to(device)
+        if getattr(self, "_moved_from", None) is not None:
+            self.pipe.to(self._moved_from)
 
     def __enter__(self) -> "Distiller":
         return self

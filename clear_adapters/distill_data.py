@@ -130,16 +130,16 @@ def list_images(directory: str | Path) -> list[tuple[Path, str]]:
     return found
 
 
-def split_prompts(prompts: list[str], eval_count: int) -> tuple[list[str], list[str], bool]:
-    """(training prompts, held-out prompts, whether they are disjoint) — every 10th prompt is held out (at
-    least one from 5 prompts on, at most ``eval_count``); shorter lists are evaluated on their own prompts
+def split_held_out(items: list, eval_count: int) -> tuple[list, list, bool]:
+    """(training items, held-out items, whether they are disjoint): every 10th prompt or image is held out
+    (at least one from 5 items on, at most ``eval_count``); shorter lists are evaluated on their own items
     with other seeds and timesteps."""
-    held = min(eval_count, max(1, len(prompts) // 10)) if len(prompts) >= 5 else 0
-    if held == 0:
-        return list(prompts), list(prompts), False
-    step = len(prompts) // held
+    if len(items) < 5:
+        return list(items), list(items), False
+    held = min(eval_count, max(1, len(items) // 10))
+    step = len(items) // held
     eval_idx = {i * step + step - 1 for i in range(held)}
-    return ([p for i, p in enumerate(prompts) if i not in eval_idx], [prompts[i] for i in sorted(eval_idx)], True)
+    return [x for i, x in enumerate(items) if i not in eval_idx], [items[i] for i in sorted(eval_idx)], True
 
 
 # ---------------------------------------------------------------------------------------------- data set

@@ -6,6 +6,7 @@ Multi-GPU: ``accelerate launch --num_processes N -m clear_adapters.cli distill .
 from __future__ import annotations
 
 import json
+import os
 import time
 
 #: Defaults per built-in base (what ``--base tiny`` needs to finish in well under a minute on 2 CPU cores
@@ -113,13 +114,15 @@ def cmd_distill(args) -> int:
     prompts = read_prompt_file(args.prompts) if args.prompts else None
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and os.environ.get("LOCAL_RANK"):  # one process per GPU under accelerate launch/torchrun
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else None)
     threads = args.threads or THREADS.get(args.base)
     previous_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        pipe = load_pipeline(args.base, dtype=dtype, revision=args.revision)
+        pipe = load_pipeline(args.base, device=device, dtype=dtype, revision=args.revision)
         run = Distiller(pipe, settings, out=args.out, prompts=prompts, data_dir=args.data, cache_dir=args.cache_dir,
                         resume=args.resume, overwrite=args.overwrite, device=device,
                         progress=False if args.quiet else None, base_name=args.base, base_revision=args.revision)
