@@ -327,6 +327,11 @@ class Distiller:
             base_name = loaded_from if _is_hub_id(loaded_from) else None
         elif not _is_hub_id(base_name) and Path(base_name).exists():
             base_name = Path(base_name).resolve().name
+        if base_revision is None and _is_hub_id(base_name):  # the commit the Hub cache loaded it from
+            from .hub import commit_of
+
+            loaded = getattr(self.transformer.config, "_name_or_path", None)
+            base_revision = commit_of(loaded, "transformer") if loaded and Path(loaded).is_dir() else None
         self.base_name = base_name
         self.base_revision = base_revision
         self.run = _Run()

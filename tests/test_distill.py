@@ -279,17 +279,41 @@ def test_image_folder_data_is_encoded_with_the_vae_and_cached(tmp_path):
     assert again["data"]["from_cache"] and again["error_before"] == report["error_before"]
 
 
-@pytest.mark.parametrize("variant", ["schnell", "kontext"])
+@pytest.mark.parametrize("variant", ["schnell", "kontext", "bfloat16"])
 def test_flux_variants_distil_and_load(tmp_path, variant):
     from diffusers import FluxKontextPipeline
 
-    pipe = tiny_flux_pipeline(guidance_embeds=False) if variant == "schnell" else \
-        tiny_flux_pipeline(pipeline_class=FluxKontextPipeline)
+    if variant == "schnell":
+        pipe = tiny_flux_pipeline(guidance_embeds=False)
+    elif variant == "kontext":
+        pipe = tiny_flux_pipeline(pipeline_class=FluxKontextPipeline)
+    else:  # a bf16 model: bf16 autocast, float32 master weights, the adapter saved in the model's dtype
+        pipe = tiny_flux_pipeline().to(torch.bfloat16)
     report = distill(pipe, 2, out=tmp_path, prompts=PROMPTS, steps=1, progress=False, **SMALL)
     assert report["resolved"]["guidance"] == (None if variant == "schnell" else 3.5)
+    assert report["autocast"] == ("torch.bfloat16" if variant == "bfloat16" else None)
     assert 0 < report["error_before"] and report["error_after"] >= 0
+    saved = load_file(str(tmp_path / "clear_adapter.safetensors"))
+    assert {t.dtype for t in saved.values()} == {pipe.transformer.dtype}
     clear_adapters.load(tmp_path, pipe)
     clear_adapters.unload(pipe)
+
+
+@pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload raw bytes:DeprecationWarning")
+def test_hub_base_is_recorded_with_its_revision(tmp_path, hub_server):
+    from huggingface_hub import HfApi
+
+    from clear_adapters.pipelines import load_pipeline
+
+    tiny_flux_pipeline().save_pretrained(tmp_path / "pipe")
+    repo = f"tester/tiny-flux-{uuid.uuid4().hex[:8]}"
+    HfApi().create_repo(repo)
+    commit = HfApi().upload_folder(repo_id=repo, folder_path=tmp_path / "pipe")
+    pipe = load_pipeline(repo)
+    distill(pipe, 2, out=tmp_path / "out", prompts=PROMPTS, steps=1, progress=False, **SMALL)
+    config = read_config(tmp_path / "out" / "clear_config.json")
+    assert config["base_model"] == repo and config["base_revision"] == commit.oid
+    assert config["provenance"]["base"] == repo
 
 
 # ------------------------------------------------------------------------------------------ bad input
