@@ -595,7 +595,7 @@ class Distiller:
         try:
             while self.run.step < until:
                 start = time.perf_counter()
-                logged = dict.fromkeys(("total", *LOSS_TERMS), 0.0)
+                logged: dict[str, float] = {}  # terms not computed (attn with weight 0) stay None
                 for micro in range(s.grad_accum):
                     position = (self.run.step * s.grad_accum + micro) * self.world + self.rank
                     batch = data_mod.batch_for(self.train_data, s.batch_size, s.seed, position)
@@ -604,7 +604,7 @@ class Distiller:
                         loss, terms = self.loss(batch)
                         (loss / s.grad_accum).backward()
                     for k, v in terms.items():
-                        logged[k] += v / s.grad_accum
+                        logged[k] = logged.get(k, 0.0) + v / s.grad_accum
                 if distributed:  # pooling weights are not module parameters, so DDP does not average them
                     for w in self.teacher_student.spatial_weights.values():
                         if w.grad is not None:

@@ -130,10 +130,18 @@ def storage_copies(params: dict[str, torch.Tensor]) -> dict[str, int]:
     gc.collect()
     with warnings.catch_warnings():  # isinstance() on some torch objects warns about deprecated aliases
         warnings.simplefilter("ignore")
-        live = [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and not o.is_meta]
+        # plain tensors and parameters hold real storage (fake/functional tensors left by earlier
+        # torch.compile runs in the same process have symbolic shapes and no data)
+        live = [o for o in gc.get_objects() if type(o) in (torch.Tensor, torch.nn.Parameter)]
     by_shape: dict = {}
     for t in live:
-        by_shape.setdefault((tuple(t.shape), t.dtype), []).append(t)
+        try:
+            key = (tuple(int(n) for n in t.shape), t.dtype)
+            t.untyped_storage()
+        except (TypeError, RuntimeError, NotImplementedError):
+            continue
+        if not t.is_meta:
+            by_shape.setdefault(key, []).append(t)
     counts = {}
     for name, param in params.items():
         same = {t.untyped_storage().data_ptr() for t in by_shape.get((tuple(param.shape), param.dtype), [])
