@@ -292,8 +292,9 @@ class Distiller:
                                     "attention loss; set its weight to 0")
         self.data_dir = Path(data_dir) if data_dir is not None else None
         if self.data_dir is not None:
-            if prompts is not None:
-                raise DistillationError("give prompts (self-generated data) or data_dir (images), not both")
+            if prompts is not None or settings.samples is not None:
+                raise DistillationError("prompts and samples are for self-generated data; with data_dir (images) "
+                                        "give neither")
             split = data_mod.split_held_out(data_mod.list_images(self.data_dir), settings.eval_samples)
             self.train_images, self.eval_images, self.eval_disjoint = split
         else:

@@ -279,11 +279,11 @@ def test_image_folder_data_is_encoded_with_the_vae_and_cached(tmp_path):
         (folder / f"img{i}.txt").write_text(f"a house number {i}")
     pipe = tiny_flux_pipeline()
     report = distill(pipe, 2, out=tmp_path / "out", data_dir=folder, steps=1, progress=False,
-                     **{**SMALL, "resolution": [(64, 64), (64, 96)]})
+                     **{**SMALL, "samples": None, "resolution": [(64, 64), (64, 96)]})
     assert report["data"]["source"] == "images" and report["data"]["images"] == 4  # one of 5 held out
     assert report["eval"]["images"] == 1 and report["eval"]["held_out_inputs"] is True
     again = distill(pipe, 2, out=tmp_path / "out2", data_dir=folder, steps=1, cache_dir=tmp_path / "out" / "cache",
-                    progress=False, **{**SMALL, "resolution": [(64, 64), (64, 96)]})
+                    progress=False, **{**SMALL, "samples": None, "resolution": [(64, 64), (64, 96)]})
     assert again["data"]["from_cache"] and again["error_before"] == report["error_before"]
 
 
@@ -342,6 +342,9 @@ def test_bad_input_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
     assert code == 2 and "multiples of 4 px" in err
     code, err = _cli(["--base", "tiny", "--window", "2", "--down", "3", "--out", str(out)], capsys)
     assert code == 2 and "multiples of 12 px" in err
+    code, err = _cli(["--base", "tiny", "--window", "2", "--data", str(tmp_path), "--self-generate", "3", "--out",
+                      str(out)], capsys)
+    assert code == 2 and "with data_dir (images) give neither" in err
     monkeypatch.setitem(sys.modules, "prodigyopt", None)  # as if not installed
     code, err = _cli(["--base", "tiny", "--window", "2", "--optimizer", "prodigy", "--out", str(out)], capsys)
     assert code == 2 and "pip install prodigyopt" in err

@@ -104,6 +104,8 @@ def cmd_distill(args) -> int:
         value = getattr(args, name)
         if value is not None:
             options[name] = value
+    if args.optimizer == "prodigy" and args.lr is None:
+        options.pop("lr", None)  # Prodigy sets its own step size: its lr is a multiplier (default 1.0)
     if args.loss_weights is not None:
         options["loss_weights"] = tuple(args.loss_weights)
     resolutions = parse_resolutions(args.resolution)
