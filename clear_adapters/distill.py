@@ -490,7 +490,7 @@ class Distiller:
                                            steps=self.generation_steps, guidance=self.guidance,
                                            max_sequence_length=self.max_sequence_length, device=self.device,
                                            batch_size=s.batch_size, quiet=self.quiet, tag=tag)
-            built.description = {"source": "self-generated", "prompts": len(key["prompts"]),
+            built.description = {"source": "self-generated", "prompts": len(built.prompts),
                                  "samples": key["count"], "generation_steps": self.generation_steps,
                                  "guidance": self.guidance}
         built.description.update(resolutions=[[h * self.pixels_per_token, w * self.pixels_per_token]
