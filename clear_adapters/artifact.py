@@ -330,7 +330,9 @@ def _handle_and_model(obj):
             raise ClearAdapterError("this handle has no model (was it unloaded?)")
         return obj, obj._models[0]  # the transformer comes first; ControlNets get derived weights
     if isinstance(obj, torch.nn.Module):
-        model = obj
+        from .api import flux_models
+
+        model = flux_models(obj)[0][1]  # the model itself, or the one FLUX model inside a user's wrapper
     else:
         model = getattr(obj, "transformer", None)
         if not isinstance(model, torch.nn.Module):

@@ -402,8 +402,10 @@ def format_attention(result: dict) -> str:
 # ------------------------------------------------------------------------------------------ sweep
 def sweep_attention(grids, window: float, **kwargs) -> dict:
     """:func:`bench_attention` over several grids (same shapes otherwise); returns all points."""
+    from .progress import progress
+
     points = []
-    for grid in grids:
+    for grid in progress(grids, desc="sweep", unit="grid"):  # shown on a terminal only
         logger.info("sweep: %dx%d", *grid)
         points.append(bench_attention(grid, window, **kwargs))
     backends = sorted({r["backend"] for p in points for r in p["results"]})

@@ -6,8 +6,8 @@ CLEAR and records, per case: PSNR/SSIM of CLEAR vs full attention, the attention
 wall-time ratio, whether the plugin changes the output (on vs off, with and without CLEAR), whether a
 window covering the whole image reproduces full attention (``exact_at_full_window``), whether a small
 window changes the output and whether ``unload`` gives the plugin's full-attention output back. It
-writes ``matrix.json``, ``matrix.md`` (the table a model card embeds) and ``index.html`` with an image
-grid (full | CLEAR | difference, one row per case).
+writes ``matrix.json``, each case's images (its plugin inputs; full | CLEAR | difference) and, through
+:mod:`clear_adapters.reports`, ``matrix.md`` (the table a model card embeds) and ``index.html``.
 
 How cases are registered
 ------------------------
@@ -26,7 +26,6 @@ needs ``--lora PATH``); the report lists the case as skipped with that reason.
 from __future__ import annotations
 
 import fnmatch
-import html
 import importlib
 import json
 import logging
@@ -302,7 +301,7 @@ class CaseRunner:
         options = {k: v for k, v in self.setup.load_kwargs.items() if k == "controlnet"}
 
         def install():
-            return api.attach(self.setup.pipe, window_size, **options)
+            return api.attach(window_size, self.setup.pipe, **options)
 
         return self._install(install)
 
@@ -379,8 +378,12 @@ def _flop_fraction(probe: _GeometryProbe, handle) -> float | None:
 
 
 def run_case(case: Case, ctx: MatrixContext, adapter: str, window_size: float | None, thresholds: dict,
-             small_window: float) -> tuple[dict, list | None]:
-    """Run one case; returns (its report entry, [full, CLEAR, difference] images or None)."""
+             small_window: float) -> tuple[dict, dict | None]:
+    """Run one case; returns (its report entry, its images or None).
+
+    Images: ``{"full", "clear", "difference"}`` tensors and ``"inputs"``, the plugin's own inputs
+    as ``[(label, image)]`` (see :func:`plugin_inputs`).
+    """
     from . import api
     from .imaging import difference, psnr, ssim
 
@@ -459,16 +462,17 @@ def run_case(case: Case, ctx: MatrixContext, adapter: str, window_size: float | 
         plugin_changes_output_with_clear=checks.get("plugin_changes_output_with_clear"),
         plugin_max_difference_with_clear=plugin_effect_clear, off=setup.off_description or None,
         clear_kernel_calls=clear_calls, restored_max_difference=restored,
-        time_full_s=full_seconds, time_clear_s=clear_seconds, time_ratio=clear_seconds / max(full_seconds, 1e-9),
+        time_full_s=full_seconds, time_clear_s=clear_seconds, speedup=full_seconds / max(clear_seconds, 1e-9),
         extra={k: v for k, v in extra.items()}, checks=checks, notes=setup.notes or None,
         seconds=time.perf_counter() - start)
     entry["failed_checks"] = [k for k, ok in checks.items() if not ok]
     entry["passed"] = not entry["failed_checks"]
-    # Small differences are scaled up so the grid shows where they are; the gain is in the report.
+    # Small differences are scaled up so the panel shows where they are; the gain is in the report.
     largest = max(float((clear - full).abs().max()), 1e-12)
     gain = float(min(MAX_DIFFERENCE_GAIN, max(MIN_DIFFERENCE_GAIN, 1.0 / largest)))
     entry["difference_gain"] = gain
-    return entry, [full, clear, difference(clear, full, gain=gain)]
+    return entry, {"full": full, "clear": clear, "difference": difference(clear, full, gain=gain),
+                   "inputs": plugin_inputs(case, setup.call)}
 
 
 def _finite(value: float) -> float | None:
@@ -498,7 +502,7 @@ def run_matrix(pipeline: str = "tiny", adapter: str | None = None, *, out: str |
                max_sequence_length: int | None = None, resources: dict[str, list[str]] | None = None,
                thresholds: dict | None = None,
                device: str | None = None, dtype: str | torch.dtype | None = None,
-               printer: Callable[[str], None] | None = print) -> dict:
+               printer: Callable[[str], None] | None = print, threads: int | None = None) -> dict:
     """Run the compatibility matrix and write ``matrix.json``, ``matrix.md`` and ``index.html`` to ``out``.
 
     Args:
@@ -512,6 +516,9 @@ def run_matrix(pipeline: str = "tiny", adapter: str | None = None, *, out: str |
         resources: plugin weights for real pipelines (see :class:`MatrixContext`).
         thresholds: ``{"min_psnr": dB, "min_ssim": x, "exact_tolerance": max |difference|}``, written into
             the report (``exact_tolerance``: 1e-5 in float32, 5e-2 in bf16/fp16 where the kernels differ).
+        threads: torch CPU threads while cases run (default: 1 for the tiny pipeline, else torch's).
+    Each case's images (its inputs, full | CLEAR | difference) go to ``out/images``; the reports are
+    rendered by :mod:`clear_adapters.reports`. A progress bar shows on a terminal.
     Returns the report (also in ``matrix.json``); ``report["passed"]`` is False when a case failed.
     """
     out = Path(out)
@@ -546,38 +553,46 @@ def run_matrix(pipeline: str = "tiny", adapter: str | None = None, *, out: str |
     say(f"compatibility matrix: pipeline {pipeline}, adapter {adapter} (window {window}), "
         f"{ctx.width}x{ctx.height} px, {ctx.steps} steps, seed {seed}, {len(selected)} cases")
     started = time.perf_counter()
-    entries, rows, row_names = [], [], []
-    threads = torch.get_num_threads()
-    if tiny:  # tiny models are overhead-bound: extra threads only add synchronisation (10x slower when busy)
-        torch.set_num_threads(1)
-    try:
-        for case in selected:
-            entry, images = run_case(case, ctx, adapter, window_size, thresholds, small_window)
-            entries.append(entry)
-            if images is not None:
-                rows.append(images)
-                row_names.append(case.name)
-            say(_one_line(entry))
-    finally:
+    from . import reports
+    from .progress import progress
+
+    entries = []
+    before = torch.get_num_threads()
+    if threads is None and tiny:  # tiny models are overhead-bound: extra threads only add synchronisation
+        threads = 1
+    if threads is not None:
         torch.set_num_threads(threads)
+    try:
+        bar = progress(selected, desc="matrix", unit="case")
+        for case in bar:
+            bar.set_postfix_str(case.name)
+            entry, images = run_case(case, ctx, adapter, window_size, thresholds, small_window)
+            if images is not None:
+                entry["images"] = reports.write_case_images(out, case.name, images)
+            entries.append(entry)
+            if printer is print:
+                bar.write(_one_line(entry))  # printed above the bar, which stays at the bottom
+            else:
+                say(_one_line(entry))
+        bar.close()
+    finally:
+        torch.set_num_threads(before)
     report = {
         "pipeline": pipeline, "adapter": adapter, "window_size": window, "height": ctx.height, "width": ctx.width,
         "steps": ctx.steps, "seed": seed, "prompt": ctx.prompt, "max_sequence_length": ctx.max_sequence_length,
         "device": device, "dtype": str(dtype).replace("torch.", ""),
         "thresholds": {**thresholds, "differs_tolerance": DIFFERS_TOLERANCE,
                        "small_window": small_window, "full_window": FULL_WINDOW},
-        "versions": _versions(), "seconds": None, "cases": entries,
+        "hardware": hardware(device), "versions": _versions(), "seconds": None, "cases": entries,
     }
     run_ones = [e for e in entries if e["status"] != "skipped"]
     report["passed"] = all(e["passed"] for e in run_ones)
     report["summary"] = {"cases": len(entries), "passed": sum(1 for e in run_ones if e["passed"]),
                          "failed": sum(1 for e in run_ones if not e["passed"]),
                          "skipped": sum(1 for e in entries if e["status"] == "skipped")}
-    report["grid"] = _write_grid(out, rows, row_names)
     report["seconds"] = time.perf_counter() - started
     (out / "matrix.json").write_text(json.dumps(report, indent=2, default=_json_default))
-    (out / "matrix.md").write_text(render_markdown(report))
-    (out / "index.html").write_text(render_html(report))
+    reports.write_reports(out, report)
     summary = report["summary"]
     say(f"{summary['passed']} passed, {summary['failed']} failed, {summary['skipped']} skipped in "
         f"{report['seconds']:.1f} s; wrote {out / 'matrix.json'}, {out / 'matrix.md'}, {out / 'index.html'}")
@@ -604,7 +619,7 @@ def _one_line(entry: dict) -> str:
     flag = "ok  " if entry["passed"] else "FAIL"
     failed = f" failed: {', '.join(entry['failed_checks'])}" if entry["failed_checks"] else ""
     return (f"  {flag} {entry['name']:<34} PSNR {_fmt(entry['psnr'], '.2f')} dB  SSIM {entry['ssim']:.3f}  "
-            f"FLOPs {_fmt(entry['flop_fraction'], '.1%')}  time x{entry['time_ratio']:.2f}{failed}")
+            f"FLOPs {_fmt(entry['flop_fraction'], '.1%')}  speedup {entry['speedup']:.2f}x{failed}")
 
 
 def _fmt(value, spec: str) -> str:
@@ -634,108 +649,53 @@ def _json_default(obj):
     return str(obj)
 
 
-GRID_NAME = "matrix_grid.png"
-GRID_COLUMNS = ["full attention", "CLEAR", "|CLEAR - full| x gain (difference_gain per case, >= 4)"]
+#: The difference panel is |CLEAR - full| x gain, the gain chosen per case so the largest difference
+#: is visible (at least 4x, at most 256x); each report prints the gain it used.
 MIN_DIFFERENCE_GAIN, MAX_DIFFERENCE_GAIN = 4.0, 256.0
-GRID_GAP = 4
+
+#: What the plugin inputs of a case's pipeline call are called in the reports.
+INPUT_LABELS = {"control_image": "ControlNet condition (Canny edges)", "ip_adapter_image": "IP-Adapter image",
+                "mask_image": "Fill mask (white: repainted)"}
 
 
-def _write_grid(out: Path, rows: list, names: list[str]) -> dict | None:
-    from .imaging import side_by_side
+def plugin_inputs(case: Case, call: dict) -> list[tuple[str, Any]]:
+    """The images a case hands its pipeline (Canny map, IP image, Kontext reference, Fill mask, ...),
+    labelled for the reports. Found in the call itself, so no case has to declare them."""
+    from PIL import Image
 
-    if not rows:
-        return None
-    scale = max(1, 128 // max(rows[0][0].shape[-1], 1))  # tiny 64 px images are shown at 128 px
-    image = side_by_side(rows, gap=GRID_GAP, scale=scale)
-    image.save(out / GRID_NAME)
-    height, width = rows[0][0].shape[-2:]
-    return {"file": GRID_NAME, "rows": names, "columns": GRID_COLUMNS, "cell_width": width * scale,
-            "cell_height": height * scale, "gap": GRID_GAP, "width": image.width, "height": image.height}
-
-
-def _cell(value, spec: str, missing: str = "-") -> str:
-    if value is None:
-        return missing
-    if isinstance(value, bool):
-        return "yes" if value else "**no**"
-    return format(value, spec)
+    found = []
+    for key, value in call.items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        images = [v for v in values if isinstance(v, Image.Image)]
+        label = _image_label(case) if key == "image" else INPUT_LABELS.get(key, key)
+        for i, image in enumerate(images):
+            found.append((f"{label} {i + 1}" if len(images) > 1 else label, image))
+    return found
 
 
-def render_markdown(report: dict) -> str:
-    """The matrix as a Markdown section (what the model card embeds)."""
-    t = report["thresholds"]
-    lines = [
-        f"Compatibility matrix: pipeline `{report['pipeline']}`, adapter `{report['adapter']}` "
-        f"(window {report['window_size']}), {report['width']}x{report['height']} px, {report['steps']} steps, "
-        f"seed {report['seed']}, {report['device']}/{report['dtype']}. CLEAR vs full attention on the same seed; "
-        f"pass: PSNR >= {t['min_psnr']} dB, SSIM >= {t['min_ssim']}, full-window run equal to full attention "
-        f"(<= {t['exact_tolerance']:g}), plugin on/off differs, unload restores the output.",
-        "",
-        "| case | plugin | PSNR (dB) | SSIM | attention FLOPs | time ratio | plugin changes output | "
-        "exact at full window | result |",
-        "|---|---|---:|---:|---:|---:|:-:|:-:|:-:|",
-    ]
-    for e in report["cases"]:
-        if e["status"] == "skipped":
-            lines.append(f"| {e['name']} | {e['plugin']} | | | | | | | skipped: {e['reason']} |")
-            continue
-        if e["status"] == "error":
-            lines.append(f"| {e['name']} | {e['plugin']} | | | | | | | **error**: {e['error'][:120]} |")
-            continue
-        effect = e["plugin_changes_output"]
-        if e.get("plugin_changes_output_with_clear") is not None:
-            effect = effect and e["plugin_changes_output_with_clear"] if effect is not None else \
-                e["plugin_changes_output_with_clear"]
-        result = "pass" if e["passed"] else "**FAIL** (" + ", ".join(e["failed_checks"]) + ")"
-        lines.append(f"| {e['name']} | {e['plugin']} | {_cell(e['psnr'], '.2f', 'inf')} | {e['ssim']:.3f} | "
-                     f"{_cell(e['flop_fraction'], '.1%')} | {e['time_ratio']:.2f} | {_cell(effect, '')} | "
-                     f"{_cell(e['exact_at_full_window'], '')} | {result} |")
-    s = report["summary"]
-    lines += ["", f"{s['passed']} passed, {s['failed']} failed, {s['skipped']} skipped. Versions: "
-              + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v and k != "platform") + "."]
-    return "\n".join(lines) + "\n"
+def _image_label(case: Case) -> str:
+    name = case.name.lower()
+    for word, label in (("kontext", "Kontext reference image"), ("fill", "image to fill"),
+                        ("img2img", "Img2Img input image")):
+        if word in name:
+            return label
+    return "input image"
 
 
-def render_html(report: dict) -> str:
-    """A standalone HTML page: the table and the image grid (full | CLEAR | difference per case)."""
-    esc = html.escape
-    rows = []
-    for e in report["cases"]:
-        if e["status"] != "ok":
-            why = e.get("reason") or e.get("error") or ""
-            rows.append(f"<tr class='{e['status']}'><td>{esc(e['name'])}</td><td>{esc(e['plugin'])}</td>"
-                        f"<td colspan='6'>{esc(e['status'])}: {esc(why)}</td></tr>")
-            continue
-        result = "pass" if e["passed"] else "FAIL: " + ", ".join(e["failed_checks"])
-        rows.append(
-            f"<tr class='{'pass' if e['passed'] else 'fail'}'><td>{esc(e['name'])}</td><td>{esc(e['plugin'])}</td>"
-            f"<td>{_cell(e['psnr'], '.2f', 'inf')}</td><td>{e['ssim']:.3f}</td>"
-            f"<td>{_cell(e['flop_fraction'], '.1%')}</td><td>{e['time_ratio']:.2f}</td>"
-            f"<td>{esc(str(e['exact_at_full_window']))}</td><td>{esc(result)}</td></tr>")
-    grid = report.get("grid")
-    grid_html = "<p>No case produced images.</p>"
-    if grid:
-        labels = "".join(f"<li>{esc(n)}</li>" for n in grid["rows"])
-        grid_html = (f"<p>Columns: {esc(' | '.join(grid['columns']))}. Rows, top to bottom:</p><ol>{labels}</ol>"
-                     f"<img src='{esc(grid['file'])}' alt='full attention, CLEAR and difference per case' "
-                     f"width='{grid['width']}' height='{grid['height']}'>")
-    title = f"CLEAR compatibility matrix: {report['pipeline']}"
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>
-<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px 8px}}tr.fail td,tr.error td{{background:#fdd}}
-tr.skipped td{{color:#777}}img{{image-rendering:pixelated}}</style></head>
-<body><h1>{esc(title)}</h1>
-<p>Adapter {esc(str(report['adapter']))} (window {esc(str(report['window_size']))}),
-{report['width']}x{report['height']} px, {report['steps']} steps, seed {report['seed']}.
-Thresholds: {esc(json.dumps(report['thresholds']))}.</p>
-<table><tr><th>case</th><th>plugin</th><th>PSNR (dB)</th><th>SSIM</th><th>attention FLOPs</th>
-<th>time ratio</th><th>exact at full window</th><th>result</th></tr>
-{''.join(rows)}</table>
-<h2>Images</h2>
-{grid_html}
-</body></html>
-"""
+def hardware(device: str | None = None) -> str:
+    """What ran the matrix, in words: the GPU's name, or the CPU's model and core count."""
+    import os
+
+    if device and str(device).startswith("cuda") and torch.cuda.is_available():
+        index = torch.device(device).index or 0
+        return f"{torch.cuda.get_device_name(index)} (CUDA {torch.version.cuda})"
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            model = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"CPU: {model}, {os.cpu_count()} cores"
 
 
 def known_case_names() -> list[str]:
@@ -744,5 +704,5 @@ def known_case_names() -> list[str]:
 
 
 __all__ = ["Case", "CaseSetup", "CaseSkipped", "CaseRunner", "MatrixContext", "register_case", "discover_cases",
-           "select_cases", "run_matrix", "run_case", "render_markdown", "render_html", "drop", "max_difference",
+           "select_cases", "run_matrix", "run_case", "plugin_inputs", "hardware", "drop", "max_difference",
            "known_case_names"]

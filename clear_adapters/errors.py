@@ -1,4 +1,4 @@
-"""The exceptions of clear_adapters: one base class, one subclass per kind of failure."""
+"""The exceptions of clear_adapters: one base class, one subclass per kind of failure (and one warning)."""
 
 
 class ClearAdapterError(Exception):
@@ -19,6 +19,10 @@ class IntegrityError(ClearAdapterError):
 
 class UnsafeFormatError(IntegrityError):
     """A pickle-based checkpoint was offered; clear_adapters reads safetensors only and never unpickles."""
+
+
+class ClearPersistenceWarning(UserWarning):
+    """A model with CLEAR installed is being saved: its projections are CLEAR's, not the model's own."""
 
 
 class HubError(ClearAdapterError):

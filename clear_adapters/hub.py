@@ -26,6 +26,8 @@ logger = logging.getLogger("clear_adapters")
 
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _HEX = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
+#: How clear_adapters introduces itself to the Hub (user agent of downloads), as diffusers and peft do.
+LIBRARY_NAME = "clear-adapters"
 #: Files without a known sha256 are checked against their cache blob name up to this size; above it
 #: hashing on every load costs seconds, so pin a sha256 (registry / clear_config.json) instead.
 BLOB_CHECK_MAX_BYTES = 64 << 20
@@ -123,23 +125,68 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
 
 
 def download(repo_id: str, filename: str, *, revision: str | None = None, token: str | bool | None = None,
-             sha256: str | None = None) -> Path:
+             sha256: str | None = None, cache_dir: str | Path | None = None, local_files_only: bool = False,
+             force_download: bool = False, missing_ok: bool = False) -> Path | None:
     """Fetch ``filename`` of ``repo_id`` into the Hub cache (or find it there offline) and verify it.
 
     With ``sha256`` the file must hash to it; otherwise a small file is checked against the hash it is
     cached under. A file that fails is removed from the cache, then :class:`IntegrityError` is raised.
     Errors are translated into clear_adapters errors that say what to do; the token never appears in them.
+    ``cache_dir``, ``local_files_only`` and ``force_download`` mean what they mean for diffusers loaders;
+    ``missing_ok`` returns None when the repo (at that revision) has no such file.
     """
     import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    from . import __version__
 
     with translate_errors(repo_id, filename=filename, revision=revision, token=token):
-        path = Path(huggingface_hub.hf_hub_download(repo_id, filename, revision=revision, token=token))
+        try:
+            path = Path(huggingface_hub.hf_hub_download(
+                repo_id, filename, revision=revision, token=token, cache_dir=cache_dir,
+                local_files_only=local_files_only, force_download=force_download,
+                library_name=LIBRARY_NAME, library_version=__version__))
+        except EntryNotFoundError as exc:
+            # the Hub said "no such file" (now, or earlier: the cache remembers it), not "cannot reach"
+            if missing_ok and not isinstance(exc, LocalEntryNotFoundError):
+                return None
+            if not isinstance(exc, LocalEntryNotFoundError) or not local_files_only:
+                raise
+            at = f" at revision {revision!r}" if revision else ""
+            raise OfflineError(f"{repo_id}/{filename}{at} is not in the local Hub cache and local_files_only=True; "
+                               "load it once without local_files_only to download it") from None
     if sha256:
-        verify_sha256(path, sha256, evict=True)
+        verify_sha256(path, sha256, evict=True, cache_dir=cache_dir)
     else:
-        verify_cached_blob(path)
+        verify_cached_blob(path, cache_dir=cache_dir)
     logger.debug("fetched %s/%s at %s", repo_id, filename, commit_of(path, filename) or revision or "main")
     return path
+
+
+def hub_api(token=None):
+    """An ``HfApi`` that introduces itself as clear-adapters (``library_name``/``library_version``)."""
+    from huggingface_hub import HfApi
+
+    from . import __version__
+
+    return HfApi(token=token, library_name=LIBRARY_NAME, library_version=__version__)
+
+
+def remote_header(repo_id: str, filename: str, *, revision: str | None = None, token=None) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file on the Hub, read with a range request (no download)."""
+    with translate_errors(repo_id, filename=filename, revision=revision, action="read the header of", token=token):
+        info = hub_api(token).parse_safetensors_file_metadata(repo_id, filename, revision=revision, token=token)
+    return dict(info.metadata or {})
+
+
+def safetensors_files(repo_id: str, *, subfolder: str | None = None, revision: str | None = None,
+                      token=None) -> tuple[list[str], str]:
+    """(``.safetensors`` files directly in ``subfolder`` of the repo, the commit listed). Needs the Hub."""
+    with translate_errors(repo_id, revision=revision, action="list the files of", token=token):
+        info = hub_api(token).model_info(repo_id, revision=revision, token=token)
+    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+    names = [s.rfilename[len(prefix):] for s in info.siblings or [] if s.rfilename.startswith(prefix)]
+    return sorted(n for n in names if n.endswith(".safetensors") and "/" not in n), info.sha
 
 
 def commit_of(path: str | Path, filename: str) -> str | None:
@@ -178,7 +225,7 @@ def git_file_sha1(path: str | Path) -> str:
     return _hash_file(hashlib.sha1(b"blob %d\0" % Path(path).stat().st_size), path)
 
 
-def verify_sha256(path: str | Path, expected: str, *, evict: bool = False) -> None:
+def verify_sha256(path: str | Path, expected: str, *, evict: bool = False, cache_dir: str | Path | None = None) -> None:
     """Raise :class:`IntegrityError` unless ``path`` hashes to ``expected``.
 
     ``evict`` (for files in the Hub cache) deletes the bad copy first, so a retry downloads it again.
@@ -187,7 +234,7 @@ def verify_sha256(path: str | Path, expected: str, *, evict: bool = False) -> No
     if actual == expected.lower():
         return
     name = Path(path).name
-    if evict and evict_cached_file(path):
+    if evict and evict_cached_file(path, cache_dir=cache_dir):
         raise IntegrityError(f"{name}: sha256 {actual} does not match the expected {expected}; the download is "
                              "corrupt (or the file on the Hub does not match its clear_config.json). The bad copy "
                              "was removed from the Hub cache: retry, and if it fails again tell the adapter's "
@@ -196,7 +243,7 @@ def verify_sha256(path: str | Path, expected: str, *, evict: bool = False) -> No
                          f"or was replaced after it was recorded — delete {path} and fetch or save it again")
 
 
-def verify_cached_blob(path: str | Path) -> None:
+def verify_cached_blob(path: str | Path, *, cache_dir: str | Path | None = None) -> None:
     """Check a cached file against the content hash its cache blob is named after (small files only)."""
     path = Path(path)
     if not path.is_symlink():
@@ -207,17 +254,18 @@ def verify_cached_blob(path: str | Path) -> None:
     data = blob.read_bytes()
     actual = hashlib.sha256(data).hexdigest() if len(blob.name) == 64 else git_blob_sha1(data)
     if actual != blob.name:
-        evict_cached_file(path)
+        evict_cached_file(path, cache_dir=cache_dir)
         raise IntegrityError(f"{path.name}: content does not match the hash the Hub served it under ({blob.name}); "
                              "the download is corrupt. The bad copy was removed from the Hub cache: retry")
 
 
-def evict_cached_file(path: str | Path) -> bool:
-    """Remove a file (snapshot link and its blob) from the Hub cache; never touches files outside it."""
+def evict_cached_file(path: str | Path, *, cache_dir: str | Path | None = None) -> bool:
+    """Remove a file (snapshot link and its blob) from the Hub cache (``cache_dir`` when the download used
+    one); never touches files outside it."""
     from huggingface_hub import constants
 
     path = Path(path)
-    cache = Path(constants.HF_HUB_CACHE).resolve()
+    cache = Path(cache_dir or constants.HF_HUB_CACHE).expanduser().resolve()
     try:
         Path(os.path.abspath(path)).relative_to(cache)
     except ValueError:

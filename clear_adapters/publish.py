@@ -107,10 +107,14 @@ def read_matrix_report(path: str | Path) -> dict:
 
 def _report_meta(report: dict) -> dict:
     """The run settings worth showing on a card. Not the adapter path (it may be a local directory)
-    nor the prompt or timings."""
+    nor the prompt or timings; a local pipeline directory by its name only."""
+    from .reports import shown_source
+
     meta = {}
     if report.get("pipeline"):
-        meta["pipeline"] = report["pipeline"]
+        meta["pipeline"] = shown_source(report["pipeline"])
+    if isinstance(report.get("hardware"), str):
+        meta["hardware"] = report["hardware"]
     if isinstance(report.get("width"), int) and isinstance(report.get("height"), int):
         meta["size"] = f"{report['width']}×{report['height']} px"
     for key in ("steps", "seed", "device", "dtype"):
@@ -153,6 +157,66 @@ def _format_cases(cases: list[dict]) -> list[dict]:
 
 def _cell(value) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+#: Pipelines the matrix knows that stand in for a real model; named on cards for what they are.
+STAND_IN_PIPELINES = {"tiny": "clear-adapters' random-weight test pipeline"}
+
+
+def matrix_is_foreign(report: dict, base_model: str | None) -> str | None:
+    """Why a matrix report does not describe an adapter for ``base_model`` (None when it does).
+
+    It does when the report's pipeline is the base model or a variant of it: the same Hub owner and a
+    name that extends the base's (``FLUX.1-dev`` -> ``FLUX.1-dev-fp8``), compared case-insensitively.
+    A report without a recorded pipeline, a local pipeline directory or a stand-in (``tiny``) does not.
+    """
+    pipeline = (report.get("meta") or {}).get("pipeline")
+    if not pipeline:
+        return "the report does not record which pipeline produced it (matrix.md without its matrix.json)"
+    if not base_model:
+        return f"the adapter records no base_model to compare the report's pipeline {pipeline!r} with"
+    if pipeline in STAND_IN_PIPELINES:
+        return f"it was run on {pipeline!r} ({STAND_IN_PIPELINES[pipeline]}), not on {base_model}"
+    if not _REPO_ID.match(pipeline):
+        return f"it was run on a local pipeline ({pipeline!r}) that cannot be checked against {base_model}"
+    if _same_or_variant(pipeline, base_model):
+        return None
+    return f"it was run on {pipeline}, which is not {base_model} or a variant of it"
+
+
+def _same_or_variant(pipeline: str, base_model: str) -> bool:
+    owner, _, name = pipeline.lower().partition("/")
+    base_owner, _, base_name = base_model.lower().partition("/")
+    if owner != base_owner:
+        return False
+    short, long = sorted((name, base_name), key=len)
+    return name == base_name or (long.startswith(short) and long[len(short)] in "-_.")
+
+
+def _matrix_source(report: dict, base_model: str | None) -> dict:
+    """Where a card's compatibility numbers come from, in words (always shown with the table)."""
+    meta = report.get("meta") or {}
+    pipeline = meta.get("pipeline")
+    return {"pipeline": pipeline or "an unrecorded pipeline", "note": STAND_IN_PIPELINES.get(pipeline or ""),
+            "size": meta.get("size") or "an unrecorded size", "hardware": meta.get("hardware") or "unrecorded hardware",
+            "foreign": matrix_is_foreign(report, base_model),
+            "settings": {k: v for k, v in meta.items() if k not in ("pipeline", "size", "hardware")}}
+
+
+def install_command() -> tuple[str, str]:
+    """(the command that installs clear-adapters, the page to link), from the installed package's project
+    URLs (pyproject.toml), so a card never points at an index the library is not published on."""
+    from importlib import metadata
+
+    try:
+        entries = metadata.metadata("clear-adapters").get_all("Project-URL") or []
+    except metadata.PackageNotFoundError:
+        entries = []
+    urls = dict(entry.split(", ", 1) for entry in entries if ", " in entry)
+    repository = urls.get("Repository") or urls.get("Source")
+    if repository:
+        return f'pip install "clear-adapters @ git+{repository}"', urls.get("Homepage") or repository
+    return "pip install clear-adapters", "https://pypi.org/project/clear-adapters/"
 
 
 # ---------------------------------------------------------------------------------------------- card
@@ -229,7 +293,8 @@ def render_card(config: dict, *, repo_id: str | None = None, revision: str | Non
         matrix_rows=_format_cases(matrix["cases"]) if matrix else [],
         matrix_passed=sum(1 for c in matrix["cases"] if c.get("passed") is True) if matrix else 0,
         matrix_run=sum(1 for c in matrix["cases"] if c.get("passed") is not None) if matrix else 0,
-        matrix_meta=matrix.get("meta", {}) if matrix else {},
+        matrix_source=_matrix_source(matrix, base_model) if matrix else None,
+        install_command=install_command()[0], library_url=install_command()[1],
         matrix_markdown=_strip_title(matrix.get("markdown")) if matrix and not matrix["cases"] else None,
         **_usage(base_model),
     )
@@ -267,7 +332,7 @@ IDENTITY_FIELDS = ("architecture", "base_model", "window_size", "down_factor", "
 
 def push(directory: str | Path, repo_id: str, *, revision: str | None = None, private: bool = False,
          token: str | None = None, commit_message: str | None = None, matrix: str | Path | None = None,
-         allow_replace: bool = False) -> PushResult:
+         allow_replace: bool = False, allow_foreign_matrix: bool = False) -> PushResult:
     """Publish an adapter directory to the Hub: validate, render the card, upload in one commit.
 
     Args:
@@ -281,6 +346,9 @@ def push(directory: str | Path, repo_id: str, *, revision: str | None = None, pr
         allow_replace: allow replacing an adapter with a different base model or pattern on this
             branch (or adding one to a repo that holds other files). New weights for the *same*
             adapter never need it.
+        allow_foreign_matrix: publish a matrix run on another pipeline than the adapter's base model
+            (or a variant of it), e.g. the tiny test pipeline. Refused by default: its numbers would
+            read as this adapter's. The card always says which pipeline, size and hardware produced them.
 
     Pushing an unchanged adapter creates no commit (``PushResult.changed`` is False). Returns a
     :class:`PushResult` whose ``commit_url`` points at the commit now holding the adapter.
@@ -300,6 +368,14 @@ def push(directory: str | Path, repo_id: str, *, revision: str | None = None, pr
         logger.warning("%s has no base_model: the card will not link a base model and its licence is 'other'; "
                        "save with save_adapter(..., base_model='owner/name') to fix", CONFIG_NAME)
     report = read_matrix_report(matrix) if matrix is not None else None
+    foreign = matrix_is_foreign(report, config.get("base_model")) if report is not None else None
+    if foreign and not allow_foreign_matrix:
+        base = config.get("base_model") or "its base model"
+        raise ClearAdapterError(f"refusing to put the compatibility matrix {matrix} on the card of an adapter for "
+                                f"{base}: {foreign}, so its numbers would read as this adapter's. Run "
+                                f"`clear-adapters matrix --pipeline {base} --adapter DIR`, or pass "
+                                "allow_foreign_matrix=True (--allow-foreign-matrix): the card then says which "
+                                "pipeline produced the numbers")
     card_text = render_card(config, repo_id=repo_id, revision=branch, matrix=report)
     card_bytes = card_text.encode("utf-8")
     config_data = (directory / CONFIG_NAME).read_bytes()

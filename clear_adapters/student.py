@@ -76,7 +76,7 @@ class TeacherStudent:
         self.model = model
         self._requires_grad = {id(p): p.requires_grad for p in model.parameters()}
         self._checkpointing = bool(getattr(model, "gradient_checkpointing", False))
-        self.handle = api.attach(model, window_size, down_factor=down_factor, backend=backend)
+        self.handle = api.attach(window_size, model, down_factor=down_factor, backend=backend)
         self._install = self.handle._installs[0]
         self.projections: list[_Projection] = []
         self.spatial_weights: dict[str, torch.nn.Parameter] = {}

@@ -10,7 +10,7 @@ Every CLEAR kernel is first checked against the CLEAR dense reference on a slice
 
 Part 2, a full-size ``FluxTransformer2DModel`` built from the FLUX.1-dev config in code (random weights,
 bf16, nothing downloaded) at 2K and 4K: one forward with the stock attention against one with CLEAR
-installed by ``clear_adapters.attach(transformer, 16)``. Before timing, CLEAR's default backend is checked
+installed by ``clear_adapters.attach(16, transformer)``. Before timing, CLEAR's default backend is checked
 against the dense CLEAR backend on a small grid with the same weights.
 
 Without CUDA (and without --small) the script says so and exits 0. Timings are medians of one process.
@@ -131,10 +131,10 @@ def check_transformer(model, preset: dict, device, dtype) -> float:
     """Relative max difference of the default CLEAR backend against the dense CLEAR backend."""
     grid = bench.parse_grid(preset["check_grid"])
     inputs = transformer_inputs(preset["config"], grid, preset["text"], device, dtype, seed=1)
-    clear_adapters.attach(model, preset["window"], backend="dense")
+    clear_adapters.attach(preset["window"], model, backend="dense")
     reference = forward(model, inputs).float()
     clear_adapters.unload(model)
-    clear_adapters.attach(model, preset["window"])
+    clear_adapters.attach(preset["window"], model)
     got = forward(model, inputs).float()
     clear_adapters.unload(model)
     if not torch.isfinite(reference).all():
@@ -160,7 +160,7 @@ def run_transformer(grids, preset: dict, device: torch.device, dtype: torch.dtyp
     for grid in grids:
         inputs = transformer_inputs(config, grid, preset["text"], device, dtype)
         full_s, full_times, full_peak = timed(model, inputs, device, repeats)
-        handle = clear_adapters.attach(model, preset["window"])
+        handle = clear_adapters.attach(preset["window"], model)
         clear_s, clear_times, clear_peak = timed(model, inputs, device, repeats)
         calls = handle.kernel_calls
         clear_adapters.unload(model)

@@ -134,7 +134,10 @@ def _prepare_finetuned(ctx, mode: str) -> CaseSetup:
             load_kwargs["base"] = ctx.resources["base"][0]
         extra_checks = _delta_formula_check(pipe, load_kwargs.get("base"), sample=None if ctx.tiny else 8)
     if mode == "delta":
-        notes = f"W_variant + (W_clear - W_base), base read from {load_kwargs.get('base') or 'the adapter base_model'}"
+        from clear_adapters.reports import shown_source  # a local base is named, its folder is not shown
+
+        base_name = shown_source(load_kwargs["base"]) if load_kwargs.get("base") else "the adapter's base_model"
+        notes = f"W_variant + (W_clear - W_base), base read from {base_name}"
     else:
         notes = "the adapter's weights replace the variant's"
     return CaseSetup(pipe, {}, off=lambda generate: generate(pipe=base), off_with_clear=False,

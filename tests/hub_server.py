@@ -42,8 +42,8 @@ redirects to a CDN, pagination (every list is returned in one page), discussions
 gating, ``expand[]`` field selection in repo info (all fields are always returned), gitignore
 handling in preupload (``shouldIgnore`` is always false), repos without a ``namespace/`` part.
 
-Nothing logs the Authorization header: ``log_message`` is silenced and ``request_log`` only keeps
-``(method, path)`` without the query string.
+Nothing logs the Authorization header: ``log_message`` is silenced, ``request_log`` only keeps
+``(method, path)`` without the query string and ``header_log`` adds only ``User-Agent`` and ``Range``.
 
 Offline mode with huggingface_hub 2.4.0
 ---------------------------------------
@@ -207,6 +207,8 @@ class HubServer:
         self.host = host
         self.port = port
         self.request_log: list[tuple[str, str]] = []
+        #: (method, path, {"user-agent": ..., "range": ...}) per request: what tests check about clients
+        self.header_log: list[tuple[str, str, dict[str, str]]] = []
         self._lock = threading.RLock()
         self._repos: dict[tuple[str, str], Repo] = {}
         self._lfs: dict[str, bytes] = {}  # sha256 -> content, shared by all repos
@@ -424,6 +426,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.query = parse_qs(parts.query, keep_blank_values=True)
         self.body = self._read_body()  # always drained, so keep-alive connections stay in sync
         self.hub.request_log.append((self.command, self.route))
+        self.hub.header_log.append((self.command, self.route, {k: self.headers[k] for k in ("User-Agent", "Range")
+                                                               if k in self.headers}))
         try:
             self._route()
         except HubError as err:

@@ -34,11 +34,11 @@ def test_chroma_padding_mask_is_combined_with_the_window():
     model = _tiny_chroma()
     inputs = _inputs()
     stock = model(**inputs)[0]
-    handle = clear_adapters.attach(model, window_size=1000)
+    handle = clear_adapters.attach(1000, model)
     assert (model(**inputs)[0] - stock).abs().max() <= 1e-5
     assert handle.kernel_calls == 4
     clear_adapters.unload(model)
-    clear_adapters.attach(model, window_size=2)
+    clear_adapters.attach(2, model)
     small = model(**inputs)[0]
     assert (small - stock).abs().max() > 1e-4
     # the padding still matters under CLEAR: unmasking the padded tokens changes the result

@@ -82,13 +82,13 @@ def test_exact_at_full_window_and_differs_at_small_window(kind):
         kwargs = {"control_image": [CONTROL, CONTROL.transpose(0)], "controlnet_conditioning_scale": [0.6, 0.5]} \
             if kind == "multi" else {}
     full = generate(pipe, **kwargs)
-    handle = api.attach(pipe, FULL_WINDOW)
+    handle = api.attach(FULL_WINDOW, pipe)
     assert max_difference(generate(pipe, **kwargs), full) <= EXACT
     assert handle.kernel_calls > 0
     if kind == "multi":
         assert handle.targets == ["transformer", "controlnet.nets.0", "controlnet.nets.1"]
     api.unload(pipe)
-    api.attach(pipe, 3)
+    api.attach(3, pipe)
     assert max_difference(generate(pipe, **kwargs), full) > 1e-4
     api.unload(pipe)
     assert max_difference(generate(pipe, **kwargs), full) == 0.0

@@ -367,7 +367,7 @@ def test_non_flux_base_is_refused(tmp_path, capsys):
 
 def test_output_holding_another_adapter_is_refused_unless_overwrite(tmp_path):
     pipe = tiny_flux_pipeline()
-    handle = clear_adapters.attach(pipe, 3)
+    handle = clear_adapters.attach(3, pipe)
     existing = clear_adapters.save_adapter(handle, tmp_path / "adapter")
     clear_adapters.unload(pipe)
     saved = {p.name: p.read_bytes() for p in existing.iterdir()}

@@ -194,7 +194,7 @@ def test_hub_errors_are_specific(pushed, hub_server):
 
     other = unique_repo("not-an-adapter")
     HfApi().create_repo(other)
-    with pytest.raises(AdapterNotFoundError, match="clear_config.json not found.*clear-adapters push"):
+    with pytest.raises(AdapterNotFoundError, match="neither clear_config.json nor a .safetensors file.*clear-adapters push"):
         clear_adapters.load(other, pipe)
     # config present, weights missing
     HfApi().upload_file(path_or_fileobj=json.dumps({"format": "clear-adapter", "format_version": 1, "window_size": 3,

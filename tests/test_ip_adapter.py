@@ -115,7 +115,7 @@ def test_ip_branch_is_intact_under_clear(files):
     pipe = tiny_flux_pipeline(0)
     load_ip(pipe, files)
     full = generate(pipe)
-    api.attach(pipe, FULL_WINDOW)
+    api.attach(FULL_WINDOW, pipe)
     assert max_difference(generate(pipe), full) <= EXACT
     state = load_file(files["ip"])
     processor = pipe.transformer.transformer_blocks[1].attn.processor
@@ -123,7 +123,7 @@ def test_ip_branch_is_intact_under_clear(files):
     assert torch.equal(processor.to_k_ip[0].weight, state["ip_adapter.1.to_k_ip.weight"])
     assert torch.equal(processor.to_v_ip[0].bias, state["ip_adapter.1.to_v_ip.bias"])
     api.unload(pipe)
-    api.attach(pipe, 2)
+    api.attach(2, pipe)
     assert max_difference(generate(pipe), full) > 1e-4
 
 

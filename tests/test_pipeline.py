@@ -37,7 +37,7 @@ def checkpoint(tmp_path_factory):
 def test_window_covering_the_image_equals_stock_processor(controlnet, backend):
     pipe = tiny_flux_pipeline(0, controlnet=controlnet)
     stock = generate(pipe)
-    handle = clear_adapters.attach(pipe, window_size=1000, backend=backend)
+    handle = clear_adapters.attach(1000, pipe, backend=backend)
     assert handle.targets == (["transformer", "controlnet"] if controlnet else ["transformer"])
     clear = generate(pipe)
     assert handle.kernel_calls > 0
@@ -116,7 +116,7 @@ def test_one_pipeline_many_resolutions_without_reinit(checkpoint):
 def test_small_window_differs_from_full_attention():
     pipe = tiny_flux_pipeline(0)
     full = generate(pipe, 128, 128)
-    clear_adapters.attach(pipe, window_size=2)
+    clear_adapters.attach(2, pipe)
     assert (generate(pipe, 128, 128) - full).abs().max() > 1e-3
 
 
@@ -124,7 +124,7 @@ def test_two_pipelines_with_different_adapters_do_not_interfere(tmp_path):
     a, b = tiny_flux_pipeline(0), tiny_flux_pipeline(0)
     ref_a = generate(a)
     ck = write_reference_checkpoint(tmp_path / "r2.safetensors", b.transformer, 2, seed=3)
-    handle_a = clear_adapters.attach(a, window_size=1000)
+    handle_a = clear_adapters.attach(1000, a)
     handle_b = clear_adapters.load(ck, b)
     out_b = generate(b)
     out_a = generate(a)
@@ -152,7 +152,7 @@ def test_down_factor_adapter_runs_and_roundtrips(tmp_path):
 
 def test_handle_reports_flops():
     pipe = tiny_flux_pipeline(0)
-    handle = clear_adapters.attach(pipe, window_size=4)
+    handle = clear_adapters.attach(4, pipe)
     flops = handle.attention_flops(256, 256, text_len=512)
     assert flops["image_tokens"] == 64 * 64 and flops["layers"] == 4
     assert 0 < flops["fraction"] < 0.25
@@ -162,7 +162,7 @@ def test_handle_reports_flops():
 def test_stock_processors_put_back_by_a_plugin_turn_into_clear_again():
     """A plugin that puts stock processors back (as unload_ip_adapter does) does not remove CLEAR."""
     pipe = tiny_flux_pipeline(0)
-    handle = clear_adapters.attach(pipe, window_size=2)
+    handle = clear_adapters.attach(2, pipe)
     out = generate(pipe)
     pipe.transformer.set_attn_processor(FluxAttnProcessor())
     calls = handle.kernel_calls

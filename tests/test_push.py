@@ -177,12 +177,12 @@ def test_card_usage_snippet_flop_table_licence_and_matrix(adapters, tmp_path, mo
     (report_dir / "matrix.json").write_text(json.dumps(report))
     (report_dir / "matrix.md").write_text("# Compatibility matrix\n\n| case | ... |\n")
     repo = unique_repo("card")
-    clear_adapters.push(adapters["v1"], repo, matrix=report_dir / "matrix.md")
+    clear_adapters.push(adapters["v1"], repo, matrix=report_dir / "matrix.md", allow_foreign_matrix=True)
     card = Path(hf_hub_download(repo, "README.md")).read_text()
     assert "| lora-fused | lora | 34.50 dB | 0.9810 | yes | ✅ |" in card
     assert "| ip-adapter | ip_adapter | 12.25 dB | 0.5000 | no | ❌ |" in card
     assert "| plain | none | ∞ (identical) | 1.0000 | yes | ✅ |" in card and "| xdit | xdit | — |" in card
-    assert "2 of 3 cases passed (1 skipped)" in card and "size: 64×64 px" in card and "torch: 2.13.0" in card
+    assert "2 of 3 cases passed (1 skipped)" in card and "at 64×64 px on" in card and "torch: 2.13.0" in card
     assert "/home/someone" not in card  # the report's adapter path is not published
     assert read_matrix_report(report_dir)["cases"] == cases
     md_only = tmp_path / "md-only"

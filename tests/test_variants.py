@@ -80,10 +80,10 @@ def test_variant_exact_at_full_window_and_plugin_matters(variant, adapter):
     full = generate(pipe, **call)
     if off is not None:
         assert max_difference(full, generate(pipe, **{**call, **off})) > 1e-4
-    api.attach(pipe, FULL_WINDOW)
+    api.attach(FULL_WINDOW, pipe)
     assert max_difference(generate(pipe, **call), full) <= EXACT
     api.unload(pipe)
-    api.attach(pipe, 3)
+    api.attach(3, pipe)
     assert max_difference(generate(pipe, **call), full) > 1e-4
     api.unload(pipe)
     handle = api.load(adapter, pipe)

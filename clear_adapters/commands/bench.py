@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .common import add_threads_argument
+
 DEFAULT_SWEEP = "64x64,96x96,128x128,160x160,192x192"
 
 
@@ -43,6 +45,7 @@ def register(subparsers) -> None:
     p.add_argument("--tolerance", type=float, default=None, help="max abs error allowed (default by dtype)")
     p.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement (faster on CPU)")
     p.add_argument("--seed", type=int, default=0)
+    add_threads_argument(p)
     p.add_argument("--sweep", nargs="?", const=DEFAULT_SWEEP, default=None, metavar="GRIDS",
                    help=f"benchmark several grids (comma-separated, default {DEFAULT_SWEEP}) and write --out "
                         "JSON and a log-log --plot PNG")

@@ -7,6 +7,8 @@ import time
 from importlib import resources
 from pathlib import Path
 
+from .common import add_threads_argument
+
 DEMO_ADAPTER = "data/demo_adapter_r4.safetensors"
 DEMO_PROMPT = "a photo of a red house by the sea"
 
@@ -16,9 +18,12 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_list)
 
-    p = sub.add_parser("info", help="describe an adapter (registry name, local path or Hub repo id)")
+    p = sub.add_parser("info", help="describe an adapter (registry name, local path, Hub repo id or repo file)",
+                       description="Describe an adapter without downloading its weights. NAME takes every form "
+                                   "`load` does: a registry name, a local file or directory, a Hub repo id "
+                                   "(owner/name) or a file in one (owner/name/file.safetensors).")
     p.add_argument("name")
-    p.add_argument("--revision", default=None)
+    add_source_arguments(p)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("demo", help="offline demo on a tiny FLUX pipeline: full attention vs CLEAR")
@@ -32,6 +37,7 @@ def register(sub) -> None:
     p.add_argument("--model", default="black-forest-labs/FLUX.1-dev",
                    help="diffusers FLUX pipeline: Hub id, local directory, or 'tiny' (offline test pipeline)")
     p.add_argument("--adapter", default="flux-dev", help="registry name, local path or Hub repo id; 'none' for full")
+    add_source_arguments(p)
     p.add_argument("--window-size", type=float, default=None)
     p.add_argument("--prompt", required=True)
     p.add_argument("--height", type=int, default=1024)
@@ -44,6 +50,7 @@ def register(sub) -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "dense", "tiled", "flex"])
     p.add_argument("--proportional-attention", action="store_true")
     p.add_argument("--out", default="clear_image.png")
+    add_threads_argument(p)
     p.set_defaults(func=cmd_generate)
 
 
@@ -62,10 +69,32 @@ def cmd_list(args) -> int:
     return 0
 
 
-def cmd_info(args) -> int:
-    from ..api import describe
+def add_source_arguments(parser) -> None:
+    """Where an adapter's file is, as diffusers loaders say it (``--weight-name``, ``--subfolder``, ...)."""
+    parser.add_argument("--weight-name", default=None, metavar="FILE",
+                        help="which .safetensors file of the repo or directory (needed when it has several)")
+    parser.add_argument("--subfolder", default=None, metavar="DIR", help="folder inside the repo or directory")
+    parser.add_argument("--revision", default=None, help="Hub branch, tag or commit")
+    parser.add_argument("--cache-dir", default=None, metavar="DIR", help="Hub cache folder (default: HF_HUB_CACHE)")
+    parser.add_argument("--local-files-only", action="store_true", help="use the Hub cache only, never the network")
 
-    print(json.dumps(describe(args.name, revision=args.revision), indent=2, default=str))
+
+def _source_options(args) -> dict:
+    return {"weight_name": args.weight_name, "subfolder": args.subfolder, "revision": args.revision,
+            "cache_dir": args.cache_dir, "local_files_only": args.local_files_only}
+
+
+def cmd_info(args) -> int:
+    options = _source_options(args)
+    from ..registry import is_registry_name, lookup
+
+    if is_registry_name(args.name) and not (args.weight_name or args.subfolder):
+        info = lookup(args.name).describe()  # no torch needed: answers in a fraction of a second
+    else:
+        from ..api import describe
+
+        info = describe(args.name, **options)
+    print(json.dumps(info, indent=2, default=str))
     return 0
 
 
@@ -133,21 +162,15 @@ def cmd_generate(args) -> int:
     import torch
 
     from .. import api
+    from ..pipelines import load_pipeline
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
-    if args.model == "tiny":
-        from ..testing import tiny_flux_pipeline
-
-        pipe = tiny_flux_pipeline()
-    else:
-        from diffusers import DiffusionPipeline
-
-        pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype)
-    pipe.to(device)
+    # diffusers' per-step progress bar stays on (it shows on a terminal only)
+    pipe = load_pipeline(args.model, device=device, dtype=dtype, progress=True)
     if args.adapter != "none":
         api.load(args.adapter, pipe, window_size=args.window_size, backend=args.backend,
-                 proportional_attention=args.proportional_attention)
+                 proportional_attention=args.proportional_attention, **_source_options(args))
     start = time.perf_counter()
     image = pipe(args.prompt, height=args.height, width=args.width, num_inference_steps=args.steps,
                  guidance_scale=args.guidance, generator=torch.Generator(device="cpu").manual_seed(args.seed)).images[0]

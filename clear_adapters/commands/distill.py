@@ -25,6 +25,8 @@ GENERAL = dict(resolution=[(1024, 1024)], steps=1000, batch_size=1)
 
 
 def register(sub) -> None:
+    from .common import add_threads_argument
+
     p = sub.add_parser("distill", help="distil a CLEAR adapter for a FLUX pipeline (teacher: the same model)",
                        description="Train the attention projections of a FLUX model with the CLEAR pattern against "
                                    "the same model with full attention; writes an adapter directory that "
@@ -65,7 +67,7 @@ def register(sub) -> None:
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--revision", help="Hub revision of --base")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, 1 for --base tiny)")
+    add_threads_argument(p)  # default for --base tiny: THREADS
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_distill)
@@ -94,7 +96,8 @@ def cmd_distill(args) -> int:
 
     from ..distill import Distiller, DistillSettings
     from ..distill_data import read_prompt_file
-    from ..pipelines import is_builtin, load_pipeline
+    from ..pipelines import load_pipeline
+    from .common import torch_threads
 
     started = time.perf_counter()
     options = dict(PRESETS.get(args.base, GENERAL))
@@ -119,19 +122,14 @@ def cmd_distill(args) -> int:
     if device == "cuda" and os.environ.get("LOCAL_RANK"):  # one process per GPU under accelerate launch/torchrun
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else None)
-    threads = args.threads or THREADS.get(args.base)
-    previous_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
+    # an explicit --threads is applied by cli.main around the whole command; this is the preset's default
+    with torch_threads(THREADS.get(args.base) if args.threads is None else None):
         pipe = load_pipeline(args.base, device=device, dtype=dtype, revision=args.revision)
         run = Distiller(pipe, settings, out=args.out, prompts=prompts, data_dir=args.data, cache_dir=args.cache_dir,
                         resume=args.resume, overwrite=args.overwrite, device=device,
                         progress=False if args.quiet else None, base_name=args.base, base_revision=args.revision)
         with run:
             report = run.run_all()
-    finally:
-        torch.set_num_threads(previous_threads)
     total = time.perf_counter() - started
     if args.json:
         print(json.dumps({k: v for k, v in report.items() if k != "loss_history"}, indent=2))

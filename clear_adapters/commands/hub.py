@@ -21,6 +21,9 @@ def register(subparsers) -> None:
                    help="compatibility-matrix report of `clear-adapters matrix` (matrix.md or its folder) for the card")
     p.add_argument("--allow-replace", action="store_true",
                    help="replace an adapter with a different base model or pattern on this branch")
+    p.add_argument("--allow-foreign-matrix", action="store_true",
+                   help="publish a --matrix run on another pipeline than the adapter's base model (e.g. tiny); the "
+                        "card then says which pipeline, size and hardware produced it")
     p.set_defaults(func=cmd_push)
 
 
@@ -31,7 +34,8 @@ def cmd_push(args) -> int:
 
     try:
         result = push(args.directory, args.repo_id, revision=args.revision, private=args.private, token=args.token,
-                      commit_message=args.message, matrix=args.matrix, allow_replace=args.allow_replace)
+                      commit_message=args.message, matrix=args.matrix, allow_replace=args.allow_replace,
+                      allow_foreign_matrix=args.allow_foreign_matrix)
     except ValueError as exc:  # bad arguments (repo id, revision): a message, not a traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2

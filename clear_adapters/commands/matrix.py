@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .common import add_threads_argument
+
 #: Plugin resources a real pipeline needs, as (option, metavar, help); each may be given several times.
 RESOURCE_OPTIONS = [
     ("lora", "SOURCE", "FLUX LoRA (dir, .safetensors, Hub id or owner/repo/file); twice for two adapters"),
@@ -23,7 +25,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "matrix", help="compatibility matrix: CLEAR vs full attention with LoRA, ControlNet, IP-Adapter, variants",
         description="Runs every compatibility case with full attention and with CLEAR on the same seed and writes "
-                    "OUT/matrix.json, OUT/matrix.md and OUT/index.html (with an image grid). Exit code 1 when a case "
+                    "OUT/matrix.json, OUT/matrix.md and OUT/index.html (one labelled row per case with its inputs "
+                    "and images, in OUT/images). Exit code 1 when a case "
                     "fails. Cases that need plugin weights on a real pipeline are reported as skipped with the option "
                     "they need.")
     p.add_argument("--pipeline", default="tiny", help="'tiny' (offline test pipeline) or a FLUX pipeline id/dir")
@@ -45,6 +48,7 @@ def register(subparsers) -> None:
                    help="max |difference| for 'equal' images (default 1e-5 in float32, 5e-2 in bf16/fp16)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    add_threads_argument(p)
     for name, metavar, help_text in RESOURCE_OPTIONS:
         p.add_argument(f"--{name}", action="append", default=None, metavar=metavar, help=help_text)
     p.set_defaults(func=cmd_matrix)
@@ -67,5 +71,6 @@ def cmd_matrix(args) -> int:
                         cases=args.cases.split(",") if args.cases else None, window_size=window,
                         height=args.height, width=args.width, steps=args.steps, seed=args.seed, prompt=args.prompt,
                         max_sequence_length=args.max_sequence_length,
-                        resources=resources, thresholds=thresholds, device=args.device, dtype=args.dtype)
+                        resources=resources, thresholds=thresholds, device=args.device, dtype=args.dtype,
+                        threads=args.threads)
     return 0 if report["passed"] else 1
