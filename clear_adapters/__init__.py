@@ -9,8 +9,9 @@
 from .api import AdapterSpec, ClearHandle, attach, describe, get_handle, load, resolve, unload
 from .artifact import save_adapter
 from .config import ClearConfig
-from .errors import (AdapterNotFoundError, ClearAdapterError, HubAuthError, HubError, IncompatibleModelError,
-                     IntegrityError, OfflineError, UnsafeFormatError)
+from .errors import (AdapterNotFoundError, ClearAdapterError, HubAuthError, HubError, HubNotFoundError, HubServerError,
+                     IncompatibleModelError, IntegrityError, InvalidAdapterError, InvalidArgumentError,
+                     MalformedResponseError, OfflineError, UnsafeFormatError)
 from .geometry import Geometry
 from .kernels import clear_attention
 from .publish import PushResult, push
@@ -22,5 +23,6 @@ __all__ = [
     "load", "unload", "attach", "resolve", "describe", "get_handle", "list_adapters", "clear_attention",
     "save_adapter", "push", "PushResult", "AdapterSpec", "ClearHandle", "ClearConfig", "Geometry", "RegistryEntry",
     "ClearAdapterError", "AdapterNotFoundError", "IncompatibleModelError", "IntegrityError", "UnsafeFormatError",
-    "HubError", "HubAuthError", "OfflineError", "__version__",
+    "InvalidAdapterError", "InvalidArgumentError", "HubError", "HubAuthError", "HubNotFoundError", "HubServerError",
+    "MalformedResponseError", "OfflineError", "__version__",
 ]
