@@ -3,22 +3,21 @@
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from . import processors, weights
+from . import processors, validate, weights
 from .config import ClearConfig
-from .errors import AdapterNotFoundError, ClearAdapterError, IncompatibleModelError
+from .errors import (AdapterNotFoundError, ClearAdapterError, IncompatibleModelError, InvalidAdapterError,
+                     InvalidArgumentError)
 from .geometry import Geometry
 from .registry import RegistryEntry, is_registry_name, lookup
 
 logger = logging.getLogger("clear_adapters")
 
 CONFIG_NAME = "clear_config.json"
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass
@@ -71,9 +70,11 @@ class ClearHandle:
         Counts every attention layer of the transformer (4 FLOPs per allowed query-key pair and
         channel, as the paper does). Returns tokens, per-layer and total FLOPs and the CLEAR fraction.
         """
-        p = self.pixels_per_token
-        if height % p or width % p:
-            raise ValueError(f"height and width must be multiples of {p} px for this pipeline")
+        p = self.pixels_per_token * self.config.down_factor
+        for name, value in (("height", height), ("width", width)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % p:
+                raise InvalidArgumentError(f"{name} must be a positive multiple of {p} px for this pipeline and "
+                                           f"down factor, got {value!r}")
         geometry = Geometry.from_grid(height // p, width // p, text_len)
         heads, head_dim = self._head_shape
         full = geometry.attention_flops(head_dim, heads)
@@ -92,7 +93,9 @@ def resolve(source: str | Path, *, window_size: float | None = None, down_factor
 
     With ``download`` the weights are fetched (Hub cache) and ``spec.weights_path`` is set.
     """
-    source_str = str(source)
+    validate.check_arguments(window_size=window_size, down_factor=down_factor,
+                             proportional_attention=proportional_attention, backend=backend, revision=revision)
+    source_str = validate.check_source(source)
     path = Path(source_str).expanduser()
     if is_registry_name(source_str):
         entry = lookup(source_str)
@@ -101,17 +104,20 @@ def resolve(source: str | Path, *, window_size: float | None = None, down_factor
         spec = AdapterSpec(source_str, config, repo_id=entry.repo_id, filename=entry.filename,
                            revision=revision or entry.revision, sha256=entry.sha256, base_model=entry.base_model,
                            registry_entry=entry)
-    elif path.exists():
+    elif validate.path_exists(path):
         spec = _resolve_local(path, window_size, down_factor, proportional_attention, backend)
     elif path.suffix.lower() in weights.PICKLE_SUFFIXES:
         weights.check_safetensors_path(path)  # raises UnsafeFormatError before "not found"
-        raise AdapterNotFoundError(str(path))
+        raise AdapterNotFoundError(validate.shown(path))
     elif source_str.endswith((".safetensors", ".json")) or source_str.startswith(("/", ".", "~")) \
             or source_str.count("/") > 1:
-        raise AdapterNotFoundError(f"no such file or directory: {path}")
-    elif _REPO_ID.match(source_str) and not _looks_like_registry(source_str):
+        raise AdapterNotFoundError(f"no such file or directory: {validate.shown(path)}")
+    elif source_str.count("/") == 1 and not _looks_like_registry(source_str):
+        validate.check_repo_id(source_str)  # "owner/.." and friends: an argument error, not a Hub request
         spec = _resolve_repo(source_str, window_size, down_factor, revision, token, proportional_attention, backend)
     else:
+        if len(source_str) > 255:  # no registry name is this long; do not echo it whole
+            raise AdapterNotFoundError(f"no adapter, file or Hub repo named {validate.shown(source_str)!r}")
         lookup(source_str)  # raises AdapterNotFoundError with the closest names
         raise AssertionError("unreachable")
     if download and spec.weights_path is None and spec.repo_id is not None:
@@ -147,8 +153,8 @@ def _make_config(known_window, known_down, window_size, down_factor, proportiona
 
 
 def _choose(explicit, recorded):
-    """The caller's setting when given, else what the adapter recorded."""
-    return bool(recorded) if explicit is None else bool(explicit)
+    """The caller's setting when given, else what the adapter recorded (both validated as booleans)."""
+    return bool(recorded) if explicit is None else explicit
 
 
 def _read_config_file(path: Path) -> dict:
@@ -160,9 +166,15 @@ def _read_config_file(path: Path) -> dict:
 def _resolve_local(path: Path, window_size, down_factor, proportional, backend) -> AdapterSpec:
     config_data: dict = {}
     if path.is_dir():
+        if validate.path_exists(path / CONFIG_NAME) and not (path / CONFIG_NAME).is_file():
+            raise InvalidAdapterError(f"{path / CONFIG_NAME} is not a regular file; an adapter directory's "
+                                      f"{CONFIG_NAME} is a JSON file")
         if (path / CONFIG_NAME).is_file():
             config_data = _read_config_file(path / CONFIG_NAME)
             weights_file = path / config_data["weights"]
+            if not validate.path_exists(weights_file):
+                raise AdapterNotFoundError(f"{path / CONFIG_NAME} names {config_data['weights']}, which is not in "
+                                           f"{path}")
         else:
             candidates = sorted(path.glob("*.safetensors"))
             pickles = [p for p in path.iterdir() if p.suffix.lower() in weights.PICKLE_SUFFIXES]
@@ -174,15 +186,14 @@ def _resolve_local(path: Path, window_size, down_factor, proportional, backend) 
             weights_file = candidates[0]
     else:
         weights_file = path
-    weights.check_safetensors_path(weights_file)
     header = _safetensors_metadata(weights_file)
     known_window = config_data.get("window_size")
     known_down = config_data.get("down_factor")
-    if known_window is None and "window_size" in header:
-        known_window = float(header["window_size"])
-        known_window = int(known_window) if known_window.is_integer() else known_window
-    if known_down is None and "down_factor" in header:
-        known_down = int(header["down_factor"])
+    header_window, header_down = validate.header_pattern(
+        header, weights_file.name, window_size=window_size if known_window is None else known_window,
+        down_factor=down_factor if known_down is None else known_down)
+    known_window = header_window if known_window is None else known_window
+    known_down = header_down if known_down is None else known_down
     config = _make_config(known_window, known_down, window_size, down_factor,
                           _choose(proportional, config_data.get("proportional_attention", False)), backend,
                           str(path))
@@ -208,10 +219,8 @@ def _resolve_repo(repo_id, window_size, down_factor, revision, token, proportion
 
 
 def _safetensors_metadata(path: Path) -> dict:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as fh:
-        return dict(fh.metadata() or {})
+    # the validated header (no tensor is read): a broken file is an IntegrityError naming it
+    return dict(weights.safetensors_header(path).get("__metadata__", {}))
 
 
 # ---------------------------------------------------------------------------------------------- targets
@@ -279,13 +288,17 @@ def load(source: str | Path, pipe, *, window_size: float | None = None, down_fac
             model directory, or a Hub model id (default: the adapter's ``base_model``); only the
             tensors the adapter touches are read.
 
-    Everything is validated before the pipeline is touched; on error it is left unchanged.
+    Everything is validated before the pipeline is touched; on error (or Ctrl-C) it is left unchanged.
     """
+    validate.check_arguments(window_size=window_size, down_factor=down_factor,
+                             proportional_attention=proportional_attention, backend=backend, weight_mode=weight_mode,
+                             controlnet=controlnet, revision=revision)
     targets = flux_models(pipe, controlnet=controlnet)
     _refuse_double_install(targets)
     spec = resolve(source, window_size=window_size, down_factor=down_factor, revision=revision, token=token,
                    proportional_attention=proportional_attention, backend=backend)
     state_dict, header = weights.read_adapter_file(spec.weights_path)
+    _check_config_layers(spec, state_dict)
     spec.metadata = {**header, **spec.metadata}
     file_down = weights.infer_down_factor(state_dict) or 1
     if file_down != spec.config.down_factor:
@@ -293,8 +306,9 @@ def load(source: str | Path, pipe, *, window_size: float | None = None, down_fac
                                      f"but the adapter is configured with down_factor={spec.config.down_factor}")
     if weight_mode is None:
         weight_mode = spec.metadata.get("weight_mode", "replace")
-    if weight_mode not in ("replace", "delta"):
-        raise ValueError(f"weight_mode must be 'replace' or 'delta', got {weight_mode!r}")
+        if weight_mode not in validate.WEIGHT_MODES:  # from the file's header (the config is validated)
+            raise InvalidAdapterError(f"{spec.weights_path.name}: its header says weight_mode={weight_mode!r}; "
+                                      f"expected one of {validate.WEIGHT_MODES}")
     transformer = targets[0][1]
     base_tensors = None
     if weight_mode == "delta":
@@ -326,13 +340,16 @@ def load(source: str | Path, pipe, *, window_size: float | None = None, down_fac
     handle._head_shape = _head_shape(transformer)
     try:
         for name, model, weight_plan in plans:
-            handle._applied.append(weights.apply(weight_plan))
-            handle._installs.append(processors.attach(model, spec.config, weight_plan.spatial))
             handle._models.append(model)
+            applied = weights.AppliedWeights([])
+            handle._applied.append(applied)  # before writing: an interrupt at any point is undone
+            weights.apply(weight_plan, applied)
+            handle._installs.append(processors.attach(model, spec.config, weight_plan.spatial,
+                                                      pixels_per_token=handle.pixels_per_token))
             handle.replaced[name] = [n for n, _, _ in weight_plan.writes]
             handle._layer_counts[name] = len(weights.attention_layers(model))
             model._clear_handle = handle
-    except Exception:
+    except BaseException:  # Ctrl-C included: nothing may stay half-installed
         _undo(handle)
         raise
     logger.info("CLEAR %s installed on %s (window %s, down factor %s)", spec.source, ", ".join(handle.targets),
@@ -348,6 +365,7 @@ def attach(pipe, window_size: float, *, down_factor: int = 1, backend: str = "au
     check: with a window covering the whole image it reproduces full attention.
     """
     config = ClearConfig(window_size, down_factor, proportional_attention=proportional_attention, backend=backend)
+    validate.check_arguments(controlnet=controlnet)
     targets = flux_models(pipe, controlnet=controlnet)
     _refuse_double_install(targets)
     for name, model in targets:
@@ -356,15 +374,29 @@ def attach(pipe, window_size: float, *, down_factor: int = 1, backend: str = "au
     handle = ClearHandle(spec, [n for n, _ in targets], {}, _pixels_per_token(pipe))
     handle._head_shape = _head_shape(targets[0][1])
     d = down_factor
-    for name, model in targets:
-        spatial = {n: torch.full((1, 1, 1, d, 1, d, 1), 1.0 / (d * d)) for n, _ in weights.attention_layers(model)} \
-            if d > 1 else None
-        handle._installs.append(processors.attach(model, config, spatial))
-        handle._models.append(model)
-        handle.replaced[name] = []
-        handle._layer_counts[name] = len(weights.attention_layers(model))
-        model._clear_handle = handle
+    try:
+        for name, model in targets:
+            layer_names = [n for n, _ in weights.attention_layers(model)]
+            spatial = {n: torch.full((1, 1, 1, d, 1, d, 1), 1.0 / (d * d)) for n in layer_names} if d > 1 else None
+            handle._models.append(model)
+            handle._installs.append(processors.attach(model, config, spatial, pixels_per_token=handle.pixels_per_token))
+            handle.replaced[name] = []
+            handle._layer_counts[name] = len(weights.attention_layers(model))
+            model._clear_handle = handle
+    except BaseException:  # an error (or Ctrl-C) on the second model must not leave the first converted
+        _undo(handle)
+        raise
     return handle
+
+
+def _check_config_layers(spec: AdapterSpec, state_dict) -> None:
+    """A clear_config.json's layer list (and pattern) must describe the weights file it names."""
+    if "layers" not in spec.metadata or "format_version" not in spec.metadata:
+        return  # no config (a bare file or a registry entry): plan() checks the file against the model
+    from .artifact import check_layout
+
+    shapes = {key: tuple(t.shape) for key, t in weights.normalize_keys(state_dict).items()}
+    check_layout(spec.metadata, shapes, {}, spec.weights_path.name)
 
 
 def _refuse_double_install(targets) -> None:
