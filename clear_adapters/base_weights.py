@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import IncompatibleModelError
+from .errors import IncompatibleModelError, IntegrityError
 from .weights import check_safetensors_path, normalize_keys
 
 logger = logging.getLogger("clear_adapters")
@@ -59,9 +59,32 @@ def _read_keys(keys, locate, where: str) -> dict[str, torch.Tensor]:
 def _read_index(locate) -> dict | None:
     """The key -> shard file map of a sharded checkpoint, or None when it is one unsharded file."""
     try:
-        return json.loads(Path(locate(INDEX_NAME)).read_text())["weight_map"]
+        path = Path(locate(INDEX_NAME))
+        text = path.read_bytes()
     except (OSError, LookupError):  # no index file (locally or on the Hub: AdapterNotFoundError)
         return None
+    return check_index(text, str(path))
+
+
+def check_index(raw: bytes, where: str) -> dict[str, str]:
+    """The ``weight_map`` of a shard index, refused unless it is well formed and names only plain shard
+    files beside the index (an absolute path or ``../`` would read files outside the base model)."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError; RecursionError: nesting
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise IntegrityError(f"{where}: not a valid shard index ({reason})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in weight_map.items()):
+        raise IntegrityError(f"{where}: not a valid shard index (expected a 'weight_map' object of tensor name -> "
+                             "shard file name)")
+    for shard in set(weight_map.values()):
+        if not shard.endswith(".safetensors") or Path(shard).name != shard or "\\" in shard or "\0" in shard \
+                or shard.startswith("."):
+            raise IntegrityError(f"{where}: names the shard {shard[:200]!r}, which is not a .safetensors file "
+                                 "beside the index (absolute paths and ../ are refused)")
+    return weight_map
 
 
 def _group_by_shard(keys, index: dict | None, where: str) -> dict[str, list[str]]:
