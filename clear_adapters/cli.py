@@ -11,8 +11,6 @@ import importlib
 import logging
 import sys
 
-from .errors import ClearAdapterError
-
 COMMAND_MODULES = ("core", "bench", "hub", "matrix")
 
 
@@ -22,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clear-adapters", description="CLEAR linear attention for FLUX models")
     parser.add_argument("--version", action="version", version=f"clear-adapters {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO level)")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback when a command fails")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMAND_MODULES:
@@ -33,11 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    try:
-        return int(args.func(args) or 0)
-    except ClearAdapterError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    from .commands.failures import run_command
+
+    return run_command(args.func, args, debug=args.debug)  # a failure is one line and status 2 (1 if a bug)
 
 
 if __name__ == "__main__":  # pragma: no cover
