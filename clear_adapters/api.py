@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,7 +73,7 @@ class ClearHandle:
         """
         p = self.pixels_per_token * self.config.down_factor
         for name, value in (("height", height), ("width", width)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % p:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0 or value % p:
                 raise InvalidArgumentError(f"{name} must be a positive multiple of {p} px for this pipeline and "
                                            f"down factor, got {value!r}")
         geometry = Geometry.from_grid(height // p, width // p, text_len)

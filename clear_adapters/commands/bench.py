@@ -104,7 +104,9 @@ def cmd_attention(args) -> int:
             print(json.dumps(result))
         return 0
     if not args.tokens:
-        raise ValueError("bench attention needs --tokens HxW (or --sweep)")
+        from ..errors import InvalidArgumentError
+
+        raise InvalidArgumentError("bench attention needs --tokens HxW (or --sweep)")
     result = bench.bench_attention(bench.parse_grid(args.tokens), args.window, **kwargs)
     print(bench.format_attention(result))
     if args.json:

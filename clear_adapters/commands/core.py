@@ -130,7 +130,14 @@ def run_demo(out: str | Path, sizes=(128, 256), steps: int = 4, seed: int = 0, p
 
 
 def cmd_demo(args) -> int:
-    run_demo(args.out, tuple(int(s) for s in args.sizes.split(",")), args.steps, args.seed)
+    from ..errors import InvalidArgumentError
+    from ..testing import TINY_PIXELS_PER_TOKEN
+
+    sizes = tuple(int(s) for s in args.sizes.split(","))
+    if any(size % TINY_PIXELS_PER_TOKEN for size in sizes):
+        raise InvalidArgumentError(f"--sizes must be multiples of {TINY_PIXELS_PER_TOKEN} px (the tiny pipeline's "
+                                   f"pixels per token), got {args.sizes}")
+    run_demo(args.out, sizes, args.steps, args.seed)
     return 0
 
 

@@ -68,7 +68,8 @@ def test_bad_arguments_are_argparse_errors(capsys, name):
     assert "error: argument" in err
 
 
-@pytest.mark.parametrize("case", ["truncated", "badheader", "grid", "missing", "pickle", "repo-id", "window-file"])
+@pytest.mark.parametrize("case", ["truncated", "badheader", "grid", "missing", "pickle", "repo-id", "window-file",
+                                  "demo-sizes", "bench-no-tokens"])
 def test_library_errors_are_one_line_and_exit_2(capsys, files, tmp_path, case):
     generate = ["generate", "--model", "tiny", "--prompt", "x", "--steps", "1", "--out", str(tmp_path / "x.png")]
     argv = {
@@ -79,6 +80,8 @@ def test_library_errors_are_one_line_and_exit_2(capsys, files, tmp_path, case):
         "pickle": generate + ["--adapter", str(files / "weights.bin")],
         "repo-id": ["info", "owner/.."],
         "window-file": ["info", str(files / "badheader.safetensors")],
+        "demo-sizes": ["demo", "--sizes", "30", "--out", str(tmp_path / "x.png")],
+        "bench-no-tokens": ["bench", "attention", "--window", "2"],
     }[case]
     code, out, err = run(argv, capsys)
     assert code == 2, (code, err)
