@@ -96,6 +96,21 @@ def test_forged_etag_never_deletes_or_reads_a_file_outside_the_cache(pipe, repo,
     assert sorted(p.name for p in victim.parent.iterdir()) == ["victim"]
 
 
+def test_a_file_resolving_outside_the_cache_is_never_read_even_if_the_first_answer_was_honest(
+        pipe, repo, hub_server, tmp_path, monkeypatch):
+    from clear_adapters import hub
+
+    victim = _victim(tmp_path)
+    clear_adapters.describe(repo)
+    # a server that answers the metadata check honestly and the download's own request with a forged ETag
+    monkeypatch.setattr(hub, "_check_served_names", lambda *args: None)
+    hub_server.inject(repo, WEIGHTS, headers={"ETag": f'"{victim}"'})
+    refused(pipe, repo, MalformedResponseError, rf"{WEIGHTS}.*outside the Hub cache")
+    assert victim.read_bytes() == b"precious data outside the Hub cache"
+    assert not any(p.is_symlink() and not p.exists() or p.name == WEIGHTS for p in storage(repo).rglob("*")), \
+        "the link to the outside file stayed in the cache"
+
+
 def test_forged_etag_on_an_uncached_file_writes_nothing_outside_the_cache(pipe, repo, hub_server, tmp_path):
     target = tmp_path / "outside" / "blobs" / "planted"
     hub_server.inject(repo, CONFIG, headers={"ETag": f'"{target}"'})
