@@ -33,6 +33,25 @@ def builtin_names() -> list[str]:
     return sorted(BUILTIN_PIPELINES)
 
 
+def check_source(source: str | Path) -> bool:
+    """Raise :class:`AdapterNotFoundError` unless ``source`` can name a pipeline; True when it is local.
+
+    Cheap (no import, no download): commands call it before any work, so a typo is one clear error.
+    """
+    from .errors import AdapterNotFoundError
+
+    name = str(source)
+    if is_builtin(name):
+        return False
+    path = Path(name).expanduser()
+    looks_local = path.exists() or name.startswith(("/", ".", "~")) or name.count("/") != 1
+    if looks_local and not path.is_dir():
+        raise AdapterNotFoundError(
+            f"pipeline {name[:200]!r} is neither a built-in ({', '.join(builtin_names())}), a pipeline directory "
+            "nor a Hub model id (owner/name)")
+    return looks_local
+
+
 def load_pipeline(source: str | Path, *, device: str | None = None, dtype=None, pipeline_class=None,
                   revision: str | None = None, token=None, local_files_only: bool = False,
                   progress: bool = False, **kwargs):
@@ -50,7 +69,7 @@ def load_pipeline(source: str | Path, *, device: str | None = None, dtype=None, 
     """
     import torch
 
-    from .errors import AdapterNotFoundError, ClearAdapterError
+    from .errors import ClearAdapterError
 
     if isinstance(dtype, str):
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
@@ -64,11 +83,7 @@ def load_pipeline(source: str | Path, *, device: str | None = None, dtype=None, 
             pipe.to(dtype=dtype)
     else:
         path = Path(name).expanduser()
-        looks_local = path.exists() or name.startswith(("/", ".", "~")) or name.count("/") != 1
-        if looks_local and not path.is_dir():
-            raise AdapterNotFoundError(
-                f"pipeline {name!r} is neither a built-in ({', '.join(builtin_names())}), a pipeline directory "
-                "nor a Hub model id (owner/name)")
+        looks_local = check_source(name)
         if pipeline_class is None:
             from diffusers import DiffusionPipeline as pipeline_class
         options = dict(kwargs)

@@ -27,7 +27,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, FluxIPAdapterAttnProcessor
 
 from .config import ClearConfig
-from .errors import ClearAdapterError
+from .errors import ClearAdapterError, InvalidArgumentError
 from .geometry import Geometry
 from .kernels import clear_attention
 
@@ -41,22 +41,44 @@ class ModelContext:
     img_ids: torch.Tensor | None = None
     geometries: OrderedDict = field(default_factory=OrderedDict)
     kernel_calls: int = 0
+    down_factor: int = 1
+    pixels_per_token: int | None = None  # of the pipeline, for messages in pixels
     _ids_key: tuple | None = None
+    _grid_checked: tuple | None = None
 
     def set_ids(self, img_ids: torch.Tensor) -> None:
         if img_ids.ndim == 3:
             img_ids = img_ids[0]
         self.img_ids = img_ids
         self._ids_key = None
+        if self.down_factor > 1:
+            self._check_grid()
+
+    def _key(self) -> tuple:
+        if self._ids_key is None:
+            ids = self.img_ids.detach().to("cpu")
+            self._ids_key = (tuple(ids.shape), ids.to(torch.float64).numpy().tobytes())
+        return self._ids_key
+
+    def _check_grid(self) -> None:
+        # Before the first attention layer runs: a grid the pooling cannot tile is the caller's image
+        # size, and the message says which sizes work in this pipeline's own pixels per token.
+        if self._grid_checked == self._key():
+            return
+        d, p = self.down_factor, self.pixels_per_token
+        for g in Geometry.from_ids(self.img_ids, 0).grids or ():
+            if g.height % d or g.width % d:
+                size = f" ({g.height * p}x{g.width * p} px at {p} px per token)" if p else ""
+                hint = f"multiples of {d * p} px" if p else f"sizes whose token grid divides by {d}"
+                raise InvalidArgumentError(f"the image is a {g.height}x{g.width} tokens grid{size}, not divisible by "
+                                           f"down_factor {d}; use heights and widths that are {hint}")
+        self._grid_checked = self._key()
 
     def geometry(self, text_len: int) -> Geometry:
         if self.img_ids is None:
             raise ClearAdapterError("CLEAR attention ran before its model's forward recorded img_ids; call the "
                                     "model (transformer/ControlNet), not its attention layers, directly")
-        if self._ids_key is None:
-            ids = self.img_ids.detach().to("cpu")
-            self._ids_key = (tuple(ids.shape), ids.to(torch.float64).numpy().tobytes())
-        key = (text_len, self._ids_key)
+        key = (text_len, self._key())
         geometry = self.geometries.get(key)
         if geometry is None:
             geometry = Geometry.from_ids(self.img_ids, text_len)
@@ -268,16 +290,17 @@ def check_attachable(model, model_name: str = "model") -> None:
 
 
 def attach(model, config: ClearConfig, spatial_weights: dict[str, torch.Tensor] | None = None,
-           layers: list[str] | None = None) -> ModelInstallation:
+           layers: list[str] | None = None, pixels_per_token: int | None = None) -> ModelInstallation:
     """Install CLEAR processors and hooks on every FLUX attention layer of ``model`` (no weight changes).
 
+    ``pixels_per_token`` (of the pipeline) lets errors about image sizes speak in pixels.
     Raises before changing anything if a layer runs a processor CLEAR cannot stand in for.
     """
     from .weights import attention_layers
 
     check_attachable(model)
     targets = [(n, a) for n, a in attention_layers(model) if layers is None or n in layers]
-    context = ModelContext()
+    context = ModelContext(down_factor=config.down_factor, pixels_per_token=pixels_per_token)
     install = ModelInstallation(model, context, {}, {})
     model._clear_context = context
     install.hooks.append(model.register_forward_pre_hook(_ids_hook_for(model), with_kwargs=True))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from . import argtypes
 from .common import add_threads_argument
 
 DEFAULT_SWEEP = "64x64,96x96,128x128,160x160,192x192"
@@ -24,29 +25,36 @@ def register(subparsers) -> None:
                     "dense reference on a slice of queries. Reports time, attention FLOPs, peak memory and "
                     "speedups. With --json the last line printed is one JSON object with 'speedup' and "
                     "'max_abs_error' of the device's default backend.")
-    p.add_argument("--tokens", default=None, metavar="HxW", help="image grid in latent tokens, e.g. 160x160")
-    p.add_argument("--window", type=float, required=True, metavar="R", help="window radius in tokens")
-    p.add_argument("--text", type=int, default=512, metavar="T", help="text tokens (default 512, as FLUX)")
-    p.add_argument("--heads", type=int, default=24, metavar="H", help="attention heads (default 24, as FLUX)")
-    p.add_argument("--head-dim", type=int, default=128, metavar="D", help="channels per head (default 128)")
-    p.add_argument("--down", type=int, default=1, metavar="F", help="K/V down-sampling factor (default 1)")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--tokens", type=argtypes.grid, default=None, metavar="HxW",
+                   help="image grid in latent tokens, e.g. 160x160")
+    p.add_argument("--window", type=argtypes.window, required=True, metavar="R", help="window radius in tokens")
+    p.add_argument("--text", type=argtypes.non_negative_int, default=512, metavar="T",
+                   help="text tokens (default 512, as FLUX)")
+    p.add_argument("--heads", type=argtypes.positive_int, default=24, metavar="H",
+                   help="attention heads (default 24, as FLUX)")
+    p.add_argument("--head-dim", type=argtypes.positive_int, default=128, metavar="D",
+                   help="channels per head (default 128)")
+    p.add_argument("--down", type=argtypes.down_factor, default=1, metavar="F",
+                   help="K/V down-sampling factor (default 1)")
+    p.add_argument("--batch", type=argtypes.positive_int, default=1)
     p.add_argument("--backend", action="append", default=None, metavar="NAME",
                    help="backend(s) to time, repeatable or comma-separated: sdpa, dense, tiled, tiled-gather, flex, "
                         "flex-row (default: sdpa, dense, tiled, flex, those that fit; the default CLEAR backend "
                         "and sdpa are always included)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: float32 on CPU, bfloat16 on CUDA")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--repeats", type=int, default=5, help="timed rounds; the median is reported (default 5)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed calls per backend (default 1)")
-    p.add_argument("--check-queries", type=int, default=1024,
+    p.add_argument("--device", type=argtypes.device, default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--repeats", type=argtypes.positive_int, default=5,
+                   help="timed rounds; the median is reported (default 5)")
+    p.add_argument("--warmup", type=argtypes.non_negative_int, default=1, help="untimed calls per backend (default 1)")
+    p.add_argument("--check-queries", type=argtypes.positive_int, default=1024,
                    help="queries compared with the dense reference (default 1024)")
-    p.add_argument("--tolerance", type=float, default=None, help="max abs error allowed (default by dtype)")
+    p.add_argument("--tolerance", type=argtypes.non_negative, default=None,
+                   help="max abs error allowed (default by dtype)")
     p.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement (faster on CPU)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=argtypes.non_negative_int, default=0)
     add_threads_argument(p)
-    p.add_argument("--sweep", nargs="?", const=DEFAULT_SWEEP, default=None, metavar="GRIDS",
+    p.add_argument("--sweep", type=argtypes.grids, nargs="?", const=DEFAULT_SWEEP, default=None, metavar="GRIDS",
                    help=f"benchmark several grids (comma-separated, default {DEFAULT_SWEEP}) and write --out "
                         "JSON and a log-log --plot PNG")
     p.add_argument("--out", default="bench_attention.json", help="sweep results (JSON)")
@@ -59,13 +67,13 @@ def register(subparsers) -> None:
         description="Efficiency = allowed (query, key) pairs / pairs inside the blocks FlexAttention computes, "
                     "counted on the BlockMask the flex backend builds. No attention is run and no N x N mask is "
                     "built. With --json the last line is one JSON object with 'efficiency'.")
-    p.add_argument("--tokens", required=True, metavar="HxW")
-    p.add_argument("--window", type=float, required=True, metavar="R")
-    p.add_argument("--text", type=int, default=512, metavar="T")
-    p.add_argument("--block", type=int, default=128, metavar="B")
+    p.add_argument("--tokens", type=argtypes.grid, required=True, metavar="HxW")
+    p.add_argument("--window", type=argtypes.window, required=True, metavar="R")
+    p.add_argument("--text", type=argtypes.non_negative_int, default=512, metavar="T")
+    p.add_argument("--block", type=argtypes.positive_int, default=128, metavar="B")
     p.add_argument("--order", default="tile", choices=["row", "tile"],
                    help="token order: tile (2-D tiles of one block, ours) or row (upstream); the other is shown beside")
-    p.add_argument("--down", type=int, default=1, metavar="F")
+    p.add_argument("--down", type=argtypes.down_factor, default=1, metavar="F")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_blocks)
 
@@ -98,7 +106,9 @@ def cmd_attention(args) -> int:
             print(json.dumps(result))
         return 0
     if not args.tokens:
-        raise SystemExit("clear-adapters bench attention: --tokens HxW is required (or --sweep)")
+        from ..errors import InvalidArgumentError
+
+        raise InvalidArgumentError("bench attention needs --tokens HxW (or --sweep)")
     result = bench.bench_attention(bench.parse_grid(args.tokens), args.window, **kwargs)
     print(bench.format_attention(result))
     if args.json:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from importlib import resources
 from pathlib import Path
 
+from . import argtypes
 from .common import add_threads_argument
 
 DEMO_ADAPTER = "data/demo_adapter_r4.safetensors"
@@ -28,9 +30,10 @@ def register(sub) -> None:
 
     p = sub.add_parser("demo", help="offline demo on a tiny FLUX pipeline: full attention vs CLEAR")
     p.add_argument("--out", default="clear_demo.png", help="where to write the side-by-side PNG")
-    p.add_argument("--sizes", default="128,256", help="square image sizes in pixels (tiny pipeline: 4 px/token)")
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sizes", type=argtypes.sizes, default="128,256",
+                   help="square image sizes in pixels (tiny pipeline: 4 px/token)")
+    p.add_argument("--steps", type=argtypes.positive_int, default=4)
+    p.add_argument("--seed", type=argtypes.non_negative_int, default=0)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("generate", help="generate an image with a CLEAR adapter")
@@ -38,17 +41,18 @@ def register(sub) -> None:
                    help="diffusers FLUX pipeline: Hub id, local directory, or 'tiny' (offline test pipeline)")
     p.add_argument("--adapter", default="flux-dev", help="registry name, local path or Hub repo id; 'none' for full")
     add_source_arguments(p)
-    p.add_argument("--window-size", type=float, default=None)
+    p.add_argument("--window-size", type=argtypes.window, default=None)
     p.add_argument("--prompt", required=True)
-    p.add_argument("--height", type=int, default=1024)
-    p.add_argument("--width", type=int, default=1024)
-    p.add_argument("--steps", type=int, default=28)
-    p.add_argument("--guidance", type=float, default=3.5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--height", type=argtypes.positive_int, default=1024)
+    p.add_argument("--width", type=argtypes.positive_int, default=1024)
+    p.add_argument("--steps", type=argtypes.positive_int, default=28)
+    p.add_argument("--guidance", type=argtypes.finite, default=3.5)
+    p.add_argument("--seed", type=argtypes.non_negative_int, default=0)
+    p.add_argument("--device", type=argtypes.device, default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--backend", default="auto", choices=["auto", "dense", "tiled", "flex"])
-    p.add_argument("--proportional-attention", action="store_true")
+    p.add_argument("--proportional-attention", action=argparse.BooleanOptionalAction, default=None,
+                   help="the authors' high-resolution logit scale (default: as the adapter records it)")
     p.add_argument("--out", default="clear_image.png")
     add_threads_argument(p)
     p.set_defaults(func=cmd_generate)
@@ -154,7 +158,14 @@ def run_demo(out: str | Path, sizes=(128, 256), steps: int = 4, seed: int = 0, p
 
 
 def cmd_demo(args) -> int:
-    run_demo(args.out, tuple(int(s) for s in args.sizes.split(",")), args.steps, args.seed)
+    from ..errors import InvalidArgumentError
+    from ..testing import TINY_PIXELS_PER_TOKEN
+
+    sizes = tuple(int(s) for s in args.sizes.split(","))
+    if any(size % TINY_PIXELS_PER_TOKEN for size in sizes):
+        raise InvalidArgumentError(f"--sizes must be multiples of {TINY_PIXELS_PER_TOKEN} px (the tiny pipeline's "
+                                   f"pixels per token), got {args.sizes}")
+    run_demo(args.out, sizes, args.steps, args.seed)
     return 0
 
 
