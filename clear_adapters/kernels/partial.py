@@ -1,0 +1,112 @@
+"""CLEAR attention over part of a sequence, for multi-process inference (pure torch).
+
+When the tokens of one joint sequence are spread over processes, each process attends its queries
+against one block of keys at a time and the partial results are merged by log-sum-exp
+(:func:`~clear_adapters.kernels.merge_partials`). Two pieces serve that:
+
+* :func:`block_attention` -- CLEAR for given queries against one key block (ring attention). Text
+  queries attend every key of the block; image queries attend the block's text keys and only the
+  image keys some image query of the call can reach, so a key block outside every query's window
+  costs its text part only: it is skipped, not computed and masked.
+* :func:`full_attention_lse` -- plain softmax attention with log-sum-exp, keys processed in chunks
+  so the score matrix stays bounded (text queries, pooled keys).
+
+Rows that see no key get output 0 and log-sum-exp ``-inf``, which every log-sum-exp merge treats as
+"nothing here".
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import ClearConfig
+from ..geometry import Geometry
+from .common import attend
+from .dense import DEFAULT_CHUNK, dense_attention
+
+#: keys per call in :func:`full_attention_lse` (bounds the float32 score matrix to queries x this)
+KEY_CHUNK = 8192
+
+
+def _clean(out: torch.Tensor, lse: torch.Tensor):
+    """Zero the output of rows without any key (their softmax is 0/0) and keep lse = -inf there."""
+    empty = torch.isneginf(lse)
+    if bool(empty.any()):
+        out = out.masked_fill(empty[..., None], 0.0)
+    return out, lse
+
+
+def full_attention_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
+                       key_chunk: int = KEY_CHUNK):
+    """Unmasked attention of (B, H, Nq, D) queries on (B, H, Nk, D) keys: (out, lse float32 (B, H, Nq))."""
+    batch, heads, nq, dim = query.shape
+    if key.shape[2] == 0:
+        return (query.new_zeros(batch, heads, nq, value.shape[-1]),
+                torch.full((batch, heads, nq), float("-inf"), device=query.device))
+    outs, lses = [], []
+    for a in range(0, key.shape[2], key_chunk):
+        o, l = attend(query, key[:, :, a:a + key_chunk], value[:, :, a:a + key_chunk], None, scale, True)
+        outs.append(o)
+        lses.append(l)
+    if len(outs) == 1:
+        return outs[0], lses[0]
+    lse = torch.logsumexp(torch.stack(lses), dim=0)
+    out = sum(o.float() * torch.exp(l - lse)[..., None] for o, l in zip(outs, lses))
+    return out.to(query.dtype), lse
+
+
+def block_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, geometry: Geometry,
+                    config: ClearConfig, query_index: torch.Tensor, key_index: torch.Tensor, *, scale: float,
+                    count_text_keys: bool = True):
+    """CLEAR attention of some queries against one block of keys: ``(out, lse)``.
+
+    Args:
+        query, key, value: (B, H, Nq, D) and (B, H, Nk, D), tokens at canonical positions
+            ``query_index`` / ``key_index`` of ``geometry`` (any order, any subset).
+        config: the pattern; ``down_factor`` must be 1 (pooled keys need every image key at once).
+        scale: logit scale of the whole sequence (``config.softmax_scale(D, geometry.total_len)``).
+        count_text_keys: False when another block already holds these text keys (a process that
+            holds a copy of the whole text); they are then left out here.
+
+    Returns ``out`` (B, H, Nq, D) and ``lse`` (B, H, Nq) float32, ``-inf`` for queries that see no key.
+    """
+    if config.down_factor != 1:
+        raise ValueError("block_attention needs down_factor 1: the pooled keys of d > 1 are computed from the "
+                         "whole image and cannot be split into key blocks")
+    text = geometry.text_len
+    qi, ki = query_index.cpu(), key_index.cpu()
+    batch, heads, nq, _ = query.shape
+    out = query.new_zeros(batch, heads, nq, value.shape[-1])
+    lse = torch.full((batch, heads, nq), float("-inf"), device=query.device)
+    key_text = ki < text
+    kept = torch.ones_like(key_text) if count_text_keys else ~key_text
+    query_text = qi < text
+
+    text_queries = torch.nonzero(query_text).flatten()
+    kept_keys = torch.nonzero(kept).flatten()
+    if text_queries.numel() and kept_keys.numel():
+        # text queries attend every key: no mask, no geometry
+        sel, keys = text_queries.to(query.device), kept_keys.to(key.device)
+        o, l = full_attention_lse(query.index_select(2, sel), key.index_select(2, keys),
+                                  value.index_select(2, keys), scale)
+        out[:, :, sel], lse[:, :, sel] = o, l
+
+    image_queries = torch.nonzero(~query_text).flatten()
+    if image_queries.numel():
+        _, row, col = geometry.token_table()
+        q_pos = qi[image_queries]
+        halo = config.halo
+        q_rows, q_cols = row[q_pos], col[q_pos]
+        k_rows, k_cols = row[ki], col[ki]
+        # the bounding box of the image queries, grown by the window: image keys outside it are skipped
+        reach = (k_rows >= q_rows.min() - halo) & (k_rows <= q_rows.max() + halo) \
+            & (k_cols >= q_cols.min() - halo) & (k_cols <= q_cols.max() + halo)
+        keys = torch.nonzero((key_text & kept) | (~key_text & reach)).flatten()
+        if keys.numel():
+            sel, kdev = image_queries.to(query.device), keys.to(key.device)
+            o, l = dense_attention(query.index_select(2, sel), key.index_select(2, kdev), value.index_select(2, kdev),
+                                   geometry, config, scale=scale, query_index=q_pos, key_index=ki[keys],
+                                   return_lse=True, chunk_size=DEFAULT_CHUNK)
+            o, l = _clean(o, l)
+            out[:, :, sel], lse[:, :, sel] = o, l
+    return out, lse
