@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import inspect
+import types
 from dataclasses import dataclass
 
 import torch
@@ -315,7 +316,8 @@ def apply(pipe, engine_config=None) -> XDiTHandle:
     """Run ``pipe``'s CLEAR transformer under xfuser's sequence parallelism (Ulysses, ring or both).
 
     Args:
-        pipe: a FLUX pipeline with CLEAR loaded (``clear_adapters.load``/``attach``), on this rank's device.
+        pipe: a FLUX pipeline (or its transformer) with CLEAR loaded (``clear_adapters.load``/``attach``),
+            on this rank's device.
         engine_config: xfuser's ``EngineConfig`` (``xFuserArgs(...).create_config()[0]``); xfuser's process
             groups and runtime state are created from it with the backend of the current torch.distributed
             group unless they exist. ``None``: use the ones xfuser already set up.
@@ -329,11 +331,12 @@ def apply(pipe, engine_config=None) -> XDiTHandle:
     from xfuser.core.distributed.attention_backend import ATTENTION_FUNCTION_REGISTRY
     from xfuser.model_executor.models.transformers.transformer_flux import xFuserFlux1Transformer2DWrapper
 
-    model = getattr(pipe, "transformer", None)
+    model = getattr(pipe, "transformer", pipe)
     context = check_apply(pipe, model, "xDiT mode", "xdit")
     if not isinstance(model, FluxTransformer2DModel):
-        raise ParallelError(f"xDiT mode needs a FLUX.1 pipeline; got transformer {type(model).__name__}")
-    _initialize(pipe, engine_config)
+        raise ParallelError(f"xDiT mode needs a FLUX.1 pipeline or transformer; got {type(model).__name__}")
+    # xfuser's runtime state reads the model through ``pipeline.transformer``
+    _initialize(pipe if model is not pipe else types.SimpleNamespace(transformer=model), engine_config)
     layout = _layout()
     if model.config.num_attention_heads % layout["ulysses"]:
         raise ParallelError(f"{model.config.num_attention_heads} attention heads cannot be split over "

@@ -178,3 +178,17 @@ def test_xfuser_version_range_is_checked():
         with pytest.raises(xdit.XDiTVersionError, match=r"not supported.*>=0\.7\.0,<0\.8"):
             xdit.check_xfuser_version(bad)
     assert issubclass(xdit.XDiTVersionError, ImportError)  # the matrix's integration discovery skips it cleanly
+
+
+def test_gpu_script_small_mode_runs_on_cpu(tmp_path):
+    """examples/gpu_xdit.py's mechanics on tiny shapes: single, 1-rank halo and 1-rank xfuser agree."""
+    out = tmp_path / "gpu_xdit.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, str(WORKER.parents[1] / "examples" / "gpu_xdit.py"), "--small", "--out",
+                           str(out)], env=dict(env, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["failures"] == []
+    assert result["transformer"]["xfuser"]["attention_calls"] > 0
+    assert set(result["tiny_float32"]) == {"halo", "xfuser"}

@@ -86,12 +86,17 @@ def test_near_block_keeps_only_reachable_rows(monkeypatch):
     assert len(seen) == 1 and seen[0].tolist() == list(range(t + 16, t + 20))  # row 4 only
 
 
-def test_full_attention_lse_chunks_keys_exactly():
+def test_full_attention_lse_fused_and_chunked_agree():
     q, k, v = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 50, 8), torch.randn(1, 2, 50, 8)
-    whole = full_attention_lse(q, k, v, 0.3, key_chunk=1000)
-    chunked = full_attention_lse(q, k, v, 0.3, key_chunk=7)
-    torch.testing.assert_close(chunked[0], whole[0], atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(chunked[1], whole[1], atol=1e-6, rtol=1e-5)
+    scores = (q @ k.transpose(-1, -2)) * 0.3
+    reference = torch.softmax(scores, -1) @ v, torch.logsumexp(scores, -1)
+    fused = full_attention_lse(q, k, v, 0.3)
+    with torch.enable_grad():  # the math path (what runs with a gradient), in key chunks merged exactly
+        chunked = full_attention_lse(q.requires_grad_(), k, v, 0.3, key_chunk=7)
+    for out, lse in (fused, chunked):
+        torch.testing.assert_close(out.detach(), reference[0], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(lse.detach(), reference[1], atol=1e-6, rtol=1e-5)
+    q.requires_grad_(False)
     empty = full_attention_lse(q, k[:, :, :0], v[:, :, :0], 0.3)
     assert torch.isneginf(empty[1]).all() and (empty[0] == 0).all()
 

@@ -36,13 +36,38 @@ def _clean(out: torch.Tensor, lse: torch.Tensor):
     return out, lse
 
 
+def _fused_lse(query, key, value, scale):
+    """(out, lse) from a fused kernel that reports the log-sum-exp (private aten ops), or None."""
+    try:
+        if query.device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, False,
+                                                                                  scale=scale)[:2]
+        elif query.device.type == "cuda":
+            out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(query, key, value, None, True, 0.0,
+                                                                              False, scale=scale)[:2]
+        else:
+            return None
+    except (RuntimeError, NotImplementedError):  # a shape or dtype the fused op does not take
+        return None
+    lse = lse[..., :query.shape[2]].float()  # the CUDA kernel pads the lse to a multiple of 32 rows
+    return (out, lse) if lse.shape == query.shape[:3] and out.shape[:3] == query.shape[:3] else None
+
+
 def full_attention_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
                        key_chunk: int = KEY_CHUNK):
-    """Unmasked attention of (B, H, Nq, D) queries on (B, H, Nk, D) keys: (out, lse float32 (B, H, Nq))."""
+    """Unmasked attention of (B, H, Nq, D) queries on (B, H, Nk, D) keys: (out, lse float32 (B, H, Nq)).
+
+    A fused kernel with log-sum-exp when torch has one for the device, else the plain math in chunks of
+    ``key_chunk`` keys merged exactly.
+    """
     batch, heads, nq, dim = query.shape
     if key.shape[2] == 0:
         return (query.new_zeros(batch, heads, nq, value.shape[-1]),
                 torch.full((batch, heads, nq), float("-inf"), device=query.device))
+    if not (torch.is_grad_enabled() and query.requires_grad):
+        fused = _fused_lse(query, key, value, scale)
+        if fused is not None:
+            return fused
     outs, lses = [], []
     for a in range(0, key.shape[2], key_chunk):
         o, l = attend(query, key[:, :, a:a + key_chunk], value[:, :, a:a + key_chunk], None, scale, True)
