@@ -59,7 +59,7 @@ def test_far_key_block_is_skipped_not_masked(monkeypatch):
     def computed(*args, **kwargs):
         raise AssertionError("the image part of an out-of-reach block was computed")
 
-    monkeypatch.setattr(partial_module, "dense_attention", computed)
+    monkeypatch.setattr(partial_module, "masked_attention_lse", computed)
     out, lse = block_attention(q[:, :, qpos], k[:, :, kpos], v[:, :, kpos], geometry, config, qpos, kpos,
                                scale=config.softmax_scale(8, geometry.total_len))
     assert torch.isneginf(lse[:, :, t:]).all() and (out[:, :, t:] == 0).all()  # image queries: nothing here
@@ -74,16 +74,37 @@ def test_near_block_keeps_only_reachable_rows(monkeypatch):
     t = geometry.text_len
     qpos, kpos = t + torch.arange(0, 16), t + torch.arange(16, 48)  # rows 0-3 vs rows 4-11
     seen = []
-    real = partial_module.dense_attention
+    real = partial_module.masked_attention_lse
 
-    def spy(*args, **kwargs):
-        seen.append(kwargs["key_index"].clone())
-        return real(*args, **kwargs)
+    def spy(query, key, value, allowed, scale):
+        seen.append(key.clone())
+        return real(query, key, value, allowed, scale)
 
-    monkeypatch.setattr(partial_module, "dense_attention", spy)
+    monkeypatch.setattr(partial_module, "masked_attention_lse", spy)
     block_attention(q[:, :, qpos], k[:, :, kpos], v[:, :, kpos], geometry, config, qpos, kpos,
                     scale=config.softmax_scale(4, geometry.total_len))
-    assert len(seen) == 1 and seen[0].tolist() == list(range(t + 16, t + 20))  # row 4 only
+    assert len(seen) == 1 and torch.equal(seen[0], k[:, :, t + 16:t + 20])  # row 4 only
+
+
+def test_each_query_tile_gets_only_its_reachable_keys(monkeypatch):
+    """A tall band against itself: every tile of queries sees its rows +- the halo, not the whole block."""
+    geometry = Geometry.from_grid(40, 8, 3)
+    config = ClearConfig(3)  # reaches 2 rows
+    q, k, v = (torch.randn(1, 1, geometry.total_len, 4) for _ in range(3))
+    idx = torch.arange(geometry.total_len)
+    monkeypatch.setattr(partial_module, "QUERY_TILE", 4)  # 4 x 4 query tiles; keys 8 x 8 at most
+    seen = []
+    real = partial_module.masked_attention_lse
+
+    def spy(query, key, value, allowed, scale):
+        seen.append(key.shape[2])
+        return real(query, key, value, allowed, scale)
+
+    monkeypatch.setattr(partial_module, "masked_attention_lse", spy)
+    out, lse = block_attention(q, k, v, geometry, config, idx, idx, scale=config.softmax_scale(4, geometry.total_len))
+    # text + (4 + 2 x 2) rows x (4 + 2) columns (the grid edge clips one side), 6 x 6 in a corner
+    assert len(seen) == 20 and max(seen) == 3 + 8 * 6 and min(seen) == 3 + 6 * 6
+    torch.testing.assert_close(out, clear_attention(q, k, v, geometry, config, backend="dense"), atol=2e-6, rtol=1e-5)
 
 
 def test_full_attention_lse_fused_and_chunked_agree():
@@ -99,6 +120,19 @@ def test_full_attention_lse_fused_and_chunked_agree():
     q.requires_grad_(False)
     empty = full_attention_lse(q, k[:, :, :0], v[:, :, :0], 0.3)
     assert torch.isneginf(empty[1]).all() and (empty[0] == 0).all()
+
+
+def test_masked_attention_lse_fused_matches_math_and_empty_rows():
+    q, k, v = torch.randn(1, 2, 6, 8), torch.randn(1, 2, 20, 8), torch.randn(1, 2, 20, 8)
+    allowed = torch.rand(6, 20) > 0.5
+    allowed[2] = False
+    fused = partial_module.masked_attention_lse(q, k, v, allowed, 0.4)
+    with torch.enable_grad():
+        math = partial_module.masked_attention_lse(q.clone().requires_grad_(), k, v, allowed, 0.4)
+    for out, lse in (fused, math):
+        assert torch.isneginf(lse[:, :, 2]).all() and (out[:, :, 2] == 0).all()
+        torch.testing.assert_close(out.detach(), fused[0], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(lse.detach(), fused[1], atol=1e-6, rtol=1e-5)
 
 
 def test_pooled_keys_are_refused():

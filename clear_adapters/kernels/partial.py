@@ -5,11 +5,12 @@ against one block of keys at a time and the partial results are merged by log-su
 (:func:`~clear_adapters.kernels.merge_partials`). Two pieces serve that:
 
 * :func:`block_attention` -- CLEAR for given queries against one key block (ring attention). Text
-  queries attend every key of the block; image queries attend the block's text keys and only the
-  image keys some image query of the call can reach, so a key block outside every query's window
-  costs its text part only: it is skipped, not computed and masked.
-* :func:`full_attention_lse` -- plain softmax attention with log-sum-exp, keys processed in chunks
-  so the score matrix stays bounded (text queries, pooled keys).
+  queries attend every key of the block; image queries, in square tiles, attend the block's text keys
+  and only the image keys the tile's window can reach, so a key block outside every query's window costs
+  its text part only -- it is skipped, not computed and masked -- and a near one only its reachable rows.
+* :func:`full_attention_lse` / :func:`masked_attention_lse` -- softmax attention returning the
+  log-sum-exp, through torch's fused kernels where they report it (CPU flash, CUDA memory-efficient),
+  else the plain math (keys in chunks, so the score matrix stays bounded).
 
 Rows that see no key get output 0 and log-sum-exp ``-inf``, which every log-sum-exp merge treats as
 "nothing here".
@@ -22,10 +23,12 @@ import torch
 from ..config import ClearConfig
 from ..geometry import Geometry
 from .common import attend
-from .dense import DEFAULT_CHUNK, dense_attention
 
 #: keys per call in :func:`full_attention_lse` (bounds the float32 score matrix to queries x this)
 KEY_CHUNK = 8192
+#: image queries of :func:`block_attention` run in square tiles of this many rows and columns; each tile
+#: gets the keys its own window reaches, so the work grows linearly with the block
+QUERY_TILE = 32
 
 
 def _clean(out: torch.Tensor, lse: torch.Tensor):
@@ -36,14 +39,20 @@ def _clean(out: torch.Tensor, lse: torch.Tensor):
     return out, lse
 
 
-def _fused_lse(query, key, value, scale):
-    """(out, lse) from a fused kernel that reports the log-sum-exp (private aten ops), or None."""
+def _fused_lse(query, key, value, scale, bias=None):
+    """(out, lse) from a fused kernel that reports the log-sum-exp (private aten ops), or None.
+
+    ``bias``: an additive mask (0 / -inf) in the query's dtype. Rows it masks entirely come back
+    with arbitrary values; callers fix them.
+    """
     try:
         if query.device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, False,
-                                                                                  scale=scale)[:2]
+                                                                                  attn_mask=bias, scale=scale)[:2]
         elif query.device.type == "cuda":
-            out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(query, key, value, None, True, 0.0,
+            if bias is not None:
+                bias = bias.expand(*query.shape[:2], *bias.shape[-2:])
+            out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(query, key, value, bias, True, 0.0,
                                                                               False, scale=scale)[:2]
         else:
             return None
@@ -78,6 +87,37 @@ def full_attention_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     lse = torch.logsumexp(torch.stack(lses), dim=0)
     out = sum(o.float() * torch.exp(l - lse)[..., None] for o, l in zip(outs, lses))
     return out.to(query.dtype), lse
+
+
+def _query_tiles(queries: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> list[torch.Tensor]:
+    """``queries`` (indices into rows/cols) grouped into square tiles of QUERY_TILE x QUERY_TILE tokens.
+
+    A chunk's keys are its bounding box grown by the window, so square tiles waste far fewer key pairs
+    than runs of whole rows (r = 16, 32 x 32 tiles: 62 x 62 keys per tile against 34 rows x width).
+    """
+    if not queries.numel():
+        return []
+    r, c = rows[queries], cols[queries]
+    r, c = r - r.min(), c - c.min()
+    tile = (r // QUERY_TILE) * (int(c.max()) // QUERY_TILE + 1) + c // QUERY_TILE
+    order = torch.argsort(tile, stable=True)
+    _, counts = torch.unique_consecutive(tile[order], return_counts=True)
+    return list(queries[order].split(counts.tolist()))
+
+
+def masked_attention_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor,
+                         scale: float):
+    """Attention under a boolean (Nq, Nk) mask: (out, lse float32); rows without any key give 0 and -inf."""
+    allowed = allowed.to(query.device)
+    fused = None
+    if not (torch.is_grad_enabled() and query.requires_grad):
+        bias = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device).masked_fill(~allowed, float("-inf"))
+        fused = _fused_lse(query, key, value, scale, bias)
+    out, lse = fused if fused is not None else attend(query, key, value, allowed, scale, True)
+    empty = ~allowed.any(-1)
+    if bool(empty.any()):
+        lse = lse.masked_fill(empty, float("-inf"))
+    return _clean(out, lse)
 
 
 def block_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, geometry: Geometry,
@@ -116,22 +156,21 @@ def block_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                   value.index_select(2, keys), scale)
         out[:, :, sel], lse[:, :, sel] = o, l
 
-    image_queries = torch.nonzero(~query_text).flatten()
-    if image_queries.numel():
-        _, row, col = geometry.token_table()
-        q_pos = qi[image_queries]
-        halo = config.halo
+    _, row, col = geometry.token_table()
+    k_rows, k_cols = row[ki], col[ki]
+    halo = config.halo
+    for chunk in _query_tiles(torch.nonzero(~query_text).flatten(), row[qi], col[qi]):
+        # the bounding box of these image queries, grown by the window: image keys outside it are skipped,
+        # so a far block costs nothing here and a near one only the rows the window reaches
+        q_pos = qi[chunk]
         q_rows, q_cols = row[q_pos], col[q_pos]
-        k_rows, k_cols = row[ki], col[ki]
-        # the bounding box of the image queries, grown by the window: image keys outside it are skipped
         reach = (k_rows >= q_rows.min() - halo) & (k_rows <= q_rows.max() + halo) \
             & (k_cols >= q_cols.min() - halo) & (k_cols <= q_cols.max() + halo)
         keys = torch.nonzero((key_text & kept) | (~key_text & reach)).flatten()
-        if keys.numel():
-            sel, kdev = image_queries.to(query.device), keys.to(key.device)
-            o, l = dense_attention(query.index_select(2, sel), key.index_select(2, kdev), value.index_select(2, kdev),
-                                   geometry, config, scale=scale, query_index=q_pos, key_index=ki[keys],
-                                   return_lse=True, chunk_size=DEFAULT_CHUNK)
-            o, l = _clean(o, l)
-            out[:, :, sel], lse[:, :, sel] = o, l
+        if not keys.numel():
+            continue
+        sel, kdev = chunk.to(query.device), keys.to(key.device)
+        o, l = masked_attention_lse(query.index_select(2, sel), key.index_select(2, kdev),
+                                    value.index_select(2, kdev), geometry.allowed(config, q_pos, ki[keys]), scale)
+        out[:, :, sel], lse[:, :, sel] = o, l
     return out, lse
