@@ -55,7 +55,7 @@ def single_rank_group(backend: str) -> None:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from clear_adapters.integrations._parallel import init_distributed
+    from clear_adapters.integrations.halo import init_distributed
 
     init_distributed(backend, timeout_s=600)
 

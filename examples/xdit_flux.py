@@ -38,6 +38,9 @@ def parse_args(argv=None):
     parser.add_argument("--adapter", default=None,
                         help="registry name, Hub id or file; default: flux-dev, or a generated one for tiny")
     parser.add_argument("--mode", required=True, choices=("ulysses", "ring", "halo"))
+    parser.add_argument("--ulysses-degree", type=int, default=1,
+                        help="with --mode ring: Ulysses inside each ring group (xfuser's USP hybrid); the ring "
+                             "degree is the number of processes divided by this")
     parser.add_argument("--height", type=int, default=128)
     parser.add_argument("--width", type=int, default=96)
     parser.add_argument("--window", type=float, default=4, help="window of the generated tiny adapter (tokens)")
@@ -94,7 +97,10 @@ def apply_mode(pipe, args, world):
 
     from clear_adapters.integrations import xdit
 
-    degrees = dict(ulysses_degree=world) if args.mode == "ulysses" else dict(ring_degree=world)
+    if args.mode == "ulysses":
+        degrees = dict(ulysses_degree=world)
+    else:
+        degrees = dict(ulysses_degree=args.ulysses_degree, ring_degree=world // args.ulysses_degree)
     # xfuser's own attention backend never runs (CLEAR covers every layer), but xfuser refuses ring with its
     # CPU default (SDPA); name one it accepts
     backend = None if torch.cuda.is_available() or args.mode == "ulysses" else "SDPA_FLASH"
@@ -115,7 +121,7 @@ def main(argv=None) -> int:
         xfuser_cpu.install()
     import torch.distributed as dist
 
-    from clear_adapters.integrations._parallel import bytes_per_layer, init_distributed
+    from clear_adapters.integrations.halo import bytes_per_layer, init_distributed
     from clear_adapters.pipelines import load_pipeline
 
     init_distributed(timeout_s=args.timeout)
@@ -145,6 +151,8 @@ def main(argv=None) -> int:
                 element_size=torch.finfo(dtype).bits // 8)
     formulas = {mode: bytes_per_layer(mode, **size) for mode in ("halo", "ulysses", "ring")
                 if not (mode == "ring" and clear.config.down_factor > 1)}
+    if args.ulysses_degree > 1 and args.mode == "ring":  # the hybrid has no formula of its own here
+        formulas.pop("ring", None)
     difference = float((images.float() - reference.float()).abs().max()) if reference is not None else None
     mine = dict(rank=rank, bytes_per_layer=handle.stats.bytes_per_layer, attention_calls=handle.stats.attention_calls,
                 other_bytes=handle.stats.other_bytes, seconds=seconds, difference=difference)
@@ -156,7 +164,8 @@ def main(argv=None) -> int:
 
     if rank == 0:
         backend = dist.get_backend()
-        print(f"mode {args.mode}, {world} ranks ({backend}), {args.height}x{args.width} px = {rows}x{cols} tokens "
+        mode = f"{args.mode} x ulysses {args.ulysses_degree}" if args.ulysses_degree > 1 else args.mode
+        print(f"mode {mode}, {world} ranks ({backend}), {args.height}x{args.width} px = {rows}x{cols} tokens "
               f"+ {args.max_sequence_length} text, window {clear.config.window_size:g}, down factor "
               f"{clear.config.down_factor}, {str(dtype).replace('torch.', '')}, {steps} steps")
         print(f"wall time: {max(r['seconds'] for r in everyone):.2f} s"
