@@ -220,9 +220,6 @@ class XDiTParallel:
         if text_len is not None and text_len != text_local:
             raise ParallelError(f"{state.name}: {text_len} text tokens but {text_local} expected on this rank")
         config = state.config
-        if ring > 1 and config.down_factor > 1:
-            raise ParallelError("ring attention cannot run CLEAR with down_factor > 1 (the pooled keys need the "
-                                "whole image); use ulysses_degree instead of ring_degree, or halo mode")
         geometry = self.context.geometry(text)
         call = _Call(geometry, config, state.spatial_weight, config.softmax_scale(query.shape[-1], geometry.total_len),
                      self._blocks(geometry, text_local, image_local, split_text), self.layout["ring_rank"],
@@ -341,6 +338,12 @@ def apply(pipe, engine_config=None) -> XDiTHandle:
     if model.config.num_attention_heads % layout["ulysses"]:
         raise ParallelError(f"{model.config.num_attention_heads} attention heads cannot be split over "
                             f"ulysses_degree {layout['ulysses']}")
+    from clear_adapters.weights import attention_layers
+
+    if layout["ring"] > 1 and any(getattr(a, "_clear_state", None) is not None and a._clear_state.config.down_factor
+                                  > 1 for _, a in attention_layers(model)):
+        raise ParallelError("ring attention cannot run CLEAR with down_factor > 1 (the pooled keys need the whole "
+                            "image); use ulysses_degree instead of ring_degree, or halo mode")
     ATTENTION_FUNCTION_REGISTRY.setdefault(BACKEND, clear_usp_attention)  # stateless: all state comes per call
     strategy = XDiTParallel(model, layout)
     handle = XDiTHandle(strategy, original_class=type(model))

@@ -109,6 +109,7 @@ def test_xdit_ulysses_and_ring_equal_single_process(tmp_path):
         assert "before xdit.apply" in result["xdit_errors"]["no_clear"]
         assert "ControlNet" in result["xdit_errors"]["controlnet"]
         assert result["xdit_errors"]["unchanged"]
+        assert "down_factor > 1" in result["ring_pooled"]
 
 
 # -------------------------------------------------------------------------------------- setup errors
