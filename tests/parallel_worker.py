@@ -1,14 +1,15 @@
 """One rank of the multi-process tests (tests/test_parallel.py starts 2 of them with gloo on CPU).
 
-    python tests/parallel_worker.py SCENARIO OUT_DIR        (RANK, WORLD_SIZE, MASTER_ADDR/PORT set)
+    python tests/parallel_worker.py OUT_DIR        (RANK, WORLD_SIZE, MASTER_ADDR/PORT set)
 
-Scenarios (each starts the processes once and checks many cases; rank r writes OUT_DIR/rank{r}.json):
-* ``halo``  -- plain torch.distributed, xfuser made unimportable: halo vs single-process CLEAR on many
-               geometries and a whole tiny pipeline, byte counts vs the profiler, refusals, diffusers'
-               own context parallelism on a CLEAR model (a clear error), then rank 1 dies in the
-               middle of a run and rank 0 must get a ParallelError (not hang).
-* ``xdit``  -- xfuser through the CPU harness (tests/xfuser_cpu.py): refusals, Ulysses, then ring (then
-               halo on xfuser's groups), each vs single-process CLEAR, with byte counts vs the profiler.
+The processes start once (imports are most of the cost) and check many cases; rank r writes
+OUT_DIR/rank{r}.json. In order:
+1. halo, on plain torch.distributed with xfuser made unimportable: halo vs single-process CLEAR on many
+   geometries and a whole tiny pipeline, byte counts vs the profiler, refusals;
+2. xfuser through the CPU harness (tests/xfuser_cpu.py): refusals, Ulysses, then ring (and halo on
+   xfuser's groups), each vs single-process CLEAR, byte counts vs the profiler;
+3. diffusers' own context parallelism on a CLEAR model: a clear error, in either order;
+4. rank 1 dies in the middle of a halo run: rank 0 must get a ParallelError, not hang.
 """
 
 from __future__ import annotations
@@ -202,7 +203,7 @@ def run_dead_rank(results, rank, tmp):
 def run_xdit(results, rank, tmp):
     import xfuser_cpu
 
-    xfuser_cpu.install()
+    xfuser_cpu.install()  # after halo's checks: xfuser was unimportable until now
     import torch
     from xfuser.config import xFuserArgs
     from xfuser.core.distributed import parallel_state, runtime_state
@@ -303,7 +304,7 @@ def run_xdit(results, rank, tmp):
 
 
 # ------------------------------------------------------------------------------------------------ main
-OUT = Path(sys.argv[2]) if len(sys.argv) > 2 else Path(tempfile.gettempdir())
+OUT = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.gettempdir())
 
 
 def write(results, rank):
@@ -321,11 +322,10 @@ class _NoXfuser:
 
 
 def main():
-    scenario = sys.argv[1]
-    if scenario == "halo":
-        sys.meta_path.insert(0, _NoXfuser())
     rank = int(os.environ["RANK"])
-    results = {"scenario": scenario}
+    results = {}
+    blocker = _NoXfuser()
+    sys.meta_path.insert(0, blocker)  # halo first, with xfuser unimportable
     import torch
 
     torch.set_num_threads(1)
@@ -340,20 +340,16 @@ def main():
         return
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            if scenario == "halo":
-                run_halo(results, rank, tmp)
-                run_diffusers_cp(results)
-                run_dead_rank(results, rank, tmp)
-            elif scenario == "xdit":
-                run_xdit(results, rank, tmp)
-            else:
-                raise SystemExit(f"unknown scenario {scenario}")
+            run_halo(results, rank, tmp)
+            results["xfuser_during_halo"] = "xfuser" in sys.modules
+            sys.meta_path.remove(blocker)
+            run_xdit(results, rank, tmp)
+            run_diffusers_cp(results)
+            run_dead_rank(results, rank, tmp)  # last: it ends rank 1 and breaks the group
     except Exception:  # noqa: BLE001 - the test reads the traceback from the results
         results["error"] = traceback.format_exc()
     results["seconds"] = time.time() - start
     write(results, rank)
-    if scenario != "halo":  # after the dead-rank case the group is broken; just exit
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
