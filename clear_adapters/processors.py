@@ -43,6 +43,10 @@ class ModelContext:
     kernel_calls: int = 0
     down_factor: int = 1
     pixels_per_token: int | None = None  # of the pipeline, for messages in pixels
+    #: Set by a multi-process runner (``clear_adapters.integrations.xdit`` / ``.halo``) while the model's
+    #: tokens are split across processes: an object whose ``attention(attn, state, query, key, value,
+    #: text_len, attention_mask)`` returns (B, N_local, H*D) for this process's tokens. None: one process.
+    sequence_parallel: object | None = None
     _ids_key: tuple | None = None
     _grid_checked: tuple | None = None
 
@@ -135,10 +139,19 @@ def _project(attn, hidden_states, encoder_hidden_states):
 def _clear_core(attn, query, key, value, encoder_hidden_states, attention_mask, image_rotary_emb):
     """RoPE, then CLEAR attention on the joint sequence; returns (B, N, H*D)."""
     state = _state(attn)
+    context = state.context
+    if getattr(attn.processor, "_parallel_config", None) is not None and context.sequence_parallel is None:
+        # diffusers' context parallelism split the sequence and expects the processor to run its ring/Ulysses
+        # exchange; CLEAR would silently attend within one shard only
+        raise ClearAdapterError(f"{state.name}: diffusers context parallelism (enable_parallelism) is not supported "
+                                "by CLEAR; use clear_adapters.integrations.xdit (Ulysses, ring) or "
+                                "clear_adapters.integrations.halo for multi-process inference")
     if image_rotary_emb is not None:
         query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
         key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-    context = state.context
+    if context.sequence_parallel is not None:
+        text_len = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else None
+        return context.sequence_parallel.attention(attn, state, query, key, value, text_len, attention_mask)
     n_img = context.img_ids.shape[-2] if context.img_ids is not None else 0
     text_len = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else query.shape[1] - n_img
     geometry = context.geometry(text_len)
@@ -277,6 +290,9 @@ def check_attachable(model, model_name: str = "model") -> None:
     """Raise unless every FLUX attention layer of ``model`` can take CLEAR now (nothing is changed)."""
     from .weights import attention_layers
 
+    if getattr(getattr(model, "_parallel_config", None), "context_parallel_config", None) is not None:
+        raise ClearAdapterError(f"{model_name} runs diffusers context parallelism (enable_parallelism), which CLEAR "
+                                "does not support; use clear_adapters.integrations.xdit or .halo instead")
     for name, attn in attention_layers(model):
         if getattr(attn, "fused_projections", False):
             # the adapter's q/k/v would miss the fused to_qkv copy the processor reads
