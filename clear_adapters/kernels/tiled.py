@@ -61,13 +61,15 @@ def _pair_cost(queries: int) -> float:
 # ============================================================================ strips (CPU fast path)
 @dataclass(frozen=True)
 class _Group:
-    """``n`` consecutive tiles of one strip whose rectangles start one tile height apart."""
+    """``n`` consecutive tiles of one strip, run as one call: their rectangles start ``key_step`` strip
+    rows apart (``th`` inside the grid, 0 where they are clamped at its top or bottom border)."""
 
     y0: int  # first query row (grid-local)
     n: int
     rows: int  # query rows per tile (== tile height except in a last partial tile row)
     key_row0: int  # first strip row of the first tile's rectangle
-    signature: tuple  # (rows, cols, dy, dx, rect_h, rect_w): fixes the shared mask
+    key_step: int
+    signatures: tuple  # per tile: (rows, cols, dy, dx, rect_h, rect_w), which fixes its mask
 
 
 @dataclass
@@ -146,12 +148,16 @@ def build_strip_plan(geometry: Geometry, config: ClearConfig, tile_shape: tuple[
                     signature = (rows, cols, abs_y0 - (h.row0 + key_row0), dx, rect_h, rect_w)
                     if not bool(mask_of(signature)[0].any()):
                         continue  # a tile of another grid that reaches nothing in this one
+                    # A run of tiles is one call when its rectangles advance by one step: th strip rows
+                    # inside the grid, 0 where clamped at a border (there each tile has its own mask).
                     last = groups[-1] if groups else None
-                    if last is not None and last.signature == signature and last.y0 + last.n * th == y0 \
-                            and key_row0 - last.key_row0 == last.n * th:
-                        groups[-1] = _Group(last.y0, last.n + 1, rows, last.key_row0, signature)
+                    step = key_row0 - last.key_row0 - (last.n - 1) * last.key_step if last else -1
+                    if last is not None and last.rows == rows and last.y0 + last.n * th == y0 and \
+                            (step == last.key_step if last.n > 1 else step in (0, th)):
+                        groups[-1] = _Group(last.y0, last.n + 1, rows, last.key_row0, step,
+                                            last.signatures + (signature,))
                     else:
-                        groups.append(_Group(y0, 1, rows, key_row0, signature))
+                        groups.append(_Group(y0, 1, rows, key_row0, th, (signature,)))
                 if groups:
                     (same if qi == ki else cross).append(
                         _Strip(qi, ki, x0, cols, key_col0, rect_h, rect_w, groups))
@@ -160,14 +166,28 @@ def build_strip_plan(geometry: Geometry, config: ClearConfig, tile_shape: tuple[
     return plan
 
 
-def _strip_mask(plan: StripPlan, signature: tuple, dtype: torch.dtype, device: torch.device):
-    """Additive mask (or None when nothing is masked) and the empty-row flags, cached per dtype/device."""
-    key = (signature, dtype, str(device))
+def _strip_mask(plan: StripPlan, signatures: tuple, dtype: torch.dtype, device: torch.device):
+    """Additive mask of a group and its rows without any key (None where nothing is masked / empty).
+
+    One (Q, K) mask broadcast over the group's tiles when they share it (interior runs), else one
+    per tile, (n, 1, Q, K): the fused kernel reads a per-tile mask as fast as a shared one. Cached
+    per dtype and device.
+    """
+    key = (signatures, dtype, str(device))
     if key not in plan.device_cache:
-        allowed, empty = plan.masks[signature]
+        distinct = list(dict.fromkeys(signatures))
+        allowed = torch.stack([plan.masks[sig][0] for sig in signatures]) if len(distinct) > 1 \
+            else plan.masks[distinct[0]][0]
+        empty = ~allowed.any(-1)
         additive = None if bool(allowed.all()) else \
             torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, float("-inf")).to(device)
-        plan.device_cache[key] = (additive, empty.to(device) if bool(empty.any()) else None)
+        if additive is not None and additive.ndim == 3:
+            additive = additive.unsqueeze(1)  # (tiles, heads: broadcast, Q, K)
+        if bool(empty.any()):
+            empty = (empty.unsqueeze(1) if empty.ndim == 2 else empty).to(device)  # (tiles|1, 1|Q) vs lse (n, BH, Q)
+        else:
+            empty = None
+        plan.device_cache[key] = (additive, empty)
     return plan.device_cache[key]
 
 
@@ -276,9 +296,9 @@ def _strips_attention(query, key, value, geometry: Geometry, config: ClearConfig
         qcols = slice(strip.x0, strip.x0 + strip.cols)
         for grp in strip.groups:
             qv = q_strip.tiles(grp.n, grp.y0, th, grp.rows * strip.cols)
-            kv = k_strip.tiles(grp.n, grp.key_row0, th, rect)
-            vv = v_strip.tiles(grp.n, grp.key_row0, th, rect)
-            mask, empty = _strip_mask(plan, grp.signature, mask_dtype, query.device)
+            kv = k_strip.tiles(grp.n, grp.key_row0, grp.key_step, rect)
+            vv = v_strip.tiles(grp.n, grp.key_row0, grp.key_step, rect)
+            mask, empty = _strip_mask(plan, grp.signatures, mask_dtype, query.device)
             part, part_lse = flash(qv, kv, vv, 0.0, False, attn_mask=mask, scale=scale)
             if empty is not None:  # the kernel reports lse 0 for rows that saw no key
                 part_lse = part_lse.masked_fill(empty, float("-inf"))
