@@ -25,34 +25,35 @@ def _last_json(capsys) -> dict:
     return json.loads(lines[-1])
 
 
-def test_attention_json_reports_speedup_and_error(capsys):
+def test_attention_json_and_the_load_proof_floor(capsys):
+    """The JSON contract, and the suite's one speed assertion: a load-proof floor, not a goal.
+
+    Floor: the CPU kernel is faster than full-attention SDPA *at all* (best round of each, interleaved
+    in one process) at 96x96 tokens, r=8, 2 x 64 -- ~35x fewer FLOPs. Why 1 and not a goal: a loaded
+    machine slows the two kernels unequally (the tiled kernel runs many short parallel regions, each
+    waiting for a descheduled worker) and was seen losing ~3x more than SDPA at a 1-minute load of 4-9
+    on 2 cores; a kernel that is not faster than full attention at all is broken whatever the load.
+    The speed goals (>= 15x at 160x160) live in `clear-adapters bench` and docs/PERFORMANCE.md.
+    """
     code = main(["bench", "attention", "--tokens", "96x96", "--window", "8", "--text", "16", "--heads", "2",
                  "--head-dim", "64", "--repeats", "3", "--json"])
     assert code == 0
     result = _last_json(capsys)
     assert result["default_backend"] == "tiled"
-    assert result["speedup"] > 0  # the contract; the one speed floor is the next test
     assert result["max_abs_error"] <= 1e-4
     by = {r["backend"]: r for r in result["results"]}
     assert by["sdpa"]["attention_flops"] > by["tiled"]["attention_flops"]
     assert by["tiled"]["peak_extra_bytes"] > 0 and by["sdpa"]["peak_extra_bytes"] > 0
-
-
-def test_tiled_beats_full_attention_at_all_under_load():
-    """Load-proof floor, not a speed goal: at 128x128 tokens + 64 text, r=16, 4 x 64, fp32, the CPU kernel
-    is faster than full-attention SDPA *at all* (ratio > 1), best round of each, interleaved in one process.
-
-    Why 1 and not a goal: on a quiet 2-core machine this case runs ~8x (FLOP ratio 19.7x), but a loaded
-    machine slows the two kernels unequally -- the tiled kernel runs hundreds of short parallel regions
-    per call, each waiting for a descheduled worker, and lost up to ~3.4x more than SDPA at a 1-minute
-    load of 4-9 on 2 cores. A kernel that is not faster than full attention at all is broken whatever the
-    load; the speed goals (>= 15x at 160x160) live in `clear-adapters bench` and docs/PERFORMANCE.md.
-    """
-    result = bench_attention((128, 128), 16, text=64, heads=4, head_dim=64, backends=["sdpa", "tiled"],
-                             repeats=3, memory=False, check_queries=256)
-    by = {r["backend"]: r for r in result["results"]}
-    assert result["max_abs_error"] <= 1e-4
+    assert {"device", "cpu", "cores", "threads", "torch", "load_1min"} <= set(result["conditions"])
     assert min(by["tiled"]["times_s"]) < min(by["sdpa"]["times_s"]), (by["tiled"]["times_s"], by["sdpa"]["times_s"])
+
+
+def test_load_warning_names_load_and_cores():
+    from clear_adapters.bench import load_warning
+
+    assert load_warning({"cores": 2, "load_1min": 1.5}) is None
+    warning = load_warning({"cores": 2, "load_1min": 1.5}, load_after=7.25)
+    assert "7.2" in warning and "2 cores" in warning
 
 
 def _window_off_by_one(q, k, v, geometry, config, weight):
@@ -103,6 +104,7 @@ def test_blocks_efficiency_tile_vs_row(capsys):
     assert _last_json(capsys)["efficiency"] == pytest.approx(result["row_efficiency"])
 
 
+@pytest.mark.usefixtures("single_thread")
 def test_sweep_writes_json_and_log_log_png(tmp_path, capsys):
     from PIL import Image
 
@@ -148,15 +150,18 @@ def _gpu_benchmark():
     return module
 
 
+@pytest.mark.usefixtures("single_thread")  # tiny shapes: a second thread only contends
 def test_gpu_benchmark_small_mode_runs_on_cpu(tmp_path, capsys):
     out = tmp_path / "small.json"
     assert _gpu_benchmark().main(["--small", "--device", "cpu", "--repeats", "1", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert len(result["attention"]) == 2 and len(result["transformer"]) == 2
+    assert len(result["attention"]) == 2 and len(result["pipeline"]["sizes"]) == 2
     for point in result["attention"]:
         assert {r["backend"] for r in point["results"]} >= {"sdpa", "flex", "flex-row"}
         assert point["max_abs_error"] <= 1e-4
-    assert result["transformer"][0]["check_relative_error"] <= 1e-3
+    assert result["pipeline"]["check_relative_error"] <= 1e-3
+    assert result["pipeline"]["pipeline"] == "flux-dev-random"
+    assert all(p["step_s_clear"] > 0 and p["attention_max_abs_error"] <= 1e-4 for p in result["pipeline"]["sizes"])
     assert "summary" in capsys.readouterr().out
 
 
