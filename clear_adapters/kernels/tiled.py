@@ -38,7 +38,7 @@ CHUNK_ELEMENTS = 1 << 24
 
 METHODS = ("auto", "strips", "gather")
 #: output elements per call of the strips path's text/pooled-key part (bounds its extra memory)
-GLOBAL_CHUNK_ELEMENTS = 1 << 21
+GLOBAL_CHUNK_ELEMENTS = 1 << 22
 #: elements of one K (or V) buffer of the strips path: neighbouring strips of one kind are cut by one
 #: copy and run as one call per group while they fit (fewer, larger calls); one strip always runs
 STRIP_BATCH_ELEMENTS = 1 << 23
