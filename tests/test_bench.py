@@ -170,3 +170,24 @@ def test_gpu_benchmark_skips_cleanly_without_cuda(tmp_path, capsys):
     assert _gpu_benchmark().main(["--out", str(tmp_path / "r.json")]) == 0
     assert "CUDA is not available" in capsys.readouterr().out
     assert not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.parametrize("budget", [1, 8000, 1 << 23])  # strips per batch: 1, 2, all
+def test_strips_batched_in_any_size_equal_dense(budget, monkeypatch):
+    """Neighbouring strips share one copy and one call per run of tiles; split into batches of any size
+    (one strip, a few, all) the result is the same, including Kontext-style grids of two sizes."""
+    from clear_adapters.kernels import tiled
+
+    monkeypatch.setattr(tiled, "STRIP_BATCH_ELEMENTS", budget)
+    frames = torch.cat([torch.zeros(12 * 25), torch.ones(6 * 8)])
+    rows = torch.cat([torch.arange(12).repeat_interleave(25), torch.arange(6).repeat_interleave(8) + 3])
+    cols = torch.cat([torch.arange(25).repeat(12), torch.arange(8).repeat(6) + 5])
+    geometry = Geometry.from_ids(torch.stack([frames, rows, cols], 1), text_len=6)
+    config = ClearConfig(3.5, 1)
+    q, k, v = (torch.randn(2, geometry.total_len, 2, 8).transpose(1, 2) for _ in range(3))
+    ref, ref_lse = clear_attention(q, k, v, geometry, config, backend="dense", return_lse=True)
+    plan = tiled.build_strip_plan(geometry, config, (2, 3))
+    assert any(count > 1 for _, count in plan.runs)
+    out, lse = tiled_attention(q, k, v, geometry, config, scale=config.softmax_scale(8, geometry.total_len),
+                               return_lse=True, method="strips", tile_shape=(2, 3))
+    assert (out - ref).abs().max() <= 1e-5 and (lse - ref_lse).abs().max() <= 1e-4

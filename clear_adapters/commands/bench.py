@@ -109,6 +109,17 @@ def _backends(values):
     return [name.strip() for value in values for name in value.split(",") if name.strip()]
 
 
+def _write(result: dict, args, plot) -> int:
+    """Write ``--out`` (JSON) and ``--plot`` (PNG); with ``--json`` print the JSON as the last line."""
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out} and {plot(result, args.plot)}")
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
 def _warn_if_loaded(bench) -> None:
     warning = bench.current_load_warning()
     if warning:
@@ -129,14 +140,7 @@ def cmd_attention(args) -> int:
         for point in result["points"]:
             print(bench.format_attention(point), end="\n\n")
         print(bench.format_sweep(result))
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1))
-        plot = bench.plot_sweep(result, args.plot)
-        print(f"wrote {out} and {plot}")
-        if args.json:
-            print(json.dumps(result))
-        return 0
+        return _write(result, args, bench.plot_sweep)
     if not args.tokens:
         raise SystemExit("clear-adapters bench attention: --tokens HxW is required (or --sweep)")
     result = bench.bench_attention(bench.parse_grid(args.tokens), args.window, **kwargs)
@@ -159,14 +163,7 @@ def cmd_pipeline(args) -> int:
         device=args.device, dtype=args.dtype, prompt=args.prompt or pipeline_bench.DEFAULT_PROMPT, seed=args.seed,
         memory=not args.no_memory, attention=not args.no_attention, progress=not args.no_progress)
     print(pipeline_bench.format_pipeline(result))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    plot = pipeline_bench.plot_pipeline(result, args.plot)
-    print(f"wrote {out} and {plot}")
-    if args.json:
-        print(json.dumps(result))
-    return 0
+    return _write(result, args, pipeline_bench.plot_pipeline)
 
 
 def cmd_blocks(args) -> int:
