@@ -69,7 +69,7 @@ def load_pipeline(source: str | Path, *, device: str | None = None, dtype=None, 
             pipe = builder(device=device, dtype=dtype)
         else:
             pipe = builder()
-            if dtype is not None:
+            if dtype is not None and getattr(pipe, "dtype", None) != dtype:  # diffusers warns on every cast
                 pipe.to(dtype=dtype)
     else:
         path = Path(name).expanduser()
