@@ -29,7 +29,7 @@ def test_attention_json_and_the_load_proof_floor(capsys):
     """The JSON contract, and the suite's one speed assertion: a load-proof floor, not a goal.
 
     Floor: the CPU kernel is faster than full-attention SDPA *at all* (best round of each, interleaved
-    in one process) at 96x96 tokens, r=8, 2 x 64 -- ~35x fewer FLOPs. Why 1 and not a goal: a loaded
+    in one process) at 96x96 tokens + 16 text, r=8, 2 x 64 -- 44x fewer FLOPs. Why 1 and not a goal: a loaded
     machine slows the two kernels unequally (the tiled kernel runs many short parallel regions, each
     waiting for a descheduled worker) and was seen losing ~3x more than SDPA at a 1-minute load of 4-9
     on 2 cores; a kernel that is not faster than full attention at all is broken whatever the load.
