@@ -235,7 +235,8 @@ def format_pipeline(result: dict) -> str:
     """A human-readable table of one :func:`bench_pipeline` result."""
     how = f"adapter {result['adapter']}" if result["adapter"] else f"attach(window={result['window']:g})"
     lines = [f"pipeline {result['pipeline']} ({result['pipeline_class']}), CLEAR by {how}, {result['steps']} steps, "
-             f"{result['dtype']}, {result['attention_layers']} attention layers of {result['heads']}x{result['head_dim']}, "
+             f"{result['dtype']}, {result['attention_layers']} attention layers of "
+             f"{result['heads']}x{result['head_dim']}, "
              f"median of {result['repeats']} round(s)",
              f"{'size':>6} {'tokens':>7} {'step full':>10} {'CLEAR':>9} {'speedup':>8} {'gen full':>9} {'CLEAR':>8} "
              f"{'attn share':>10} {'peak MB full':>12} {'CLEAR':>8} {'PSNR':>8}"]

@@ -119,8 +119,8 @@ def flux_dev_random_pipeline(*, device=None, dtype=None, seed: int = 0, vae: dic
         t5 = T5EncoderModel(T5Config(vocab_size=64, d_model=config["joint_attention_dim"], d_ff=64, d_kv=16,
                                      num_layers=1, num_heads=2, decoder_start_token_id=0, pad_token_id=0,
                                      eos_token_id=1)).eval()
-    pipe = diffusers.FluxPipeline(transformer=transformer, vae=autoencoder, text_encoder=clip, tokenizer=_clip_tokenizer(),
-                                  text_encoder_2=t5, tokenizer_2=_t5_tokenizer(),
+    pipe = diffusers.FluxPipeline(transformer=transformer, vae=autoencoder, text_encoder=clip,
+                                  tokenizer=_clip_tokenizer(), text_encoder_2=t5, tokenizer_2=_t5_tokenizer(),
                                   scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER))
     pipe.set_progress_bar_config(disable=True)
     return pipe
