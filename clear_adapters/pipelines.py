@@ -11,16 +11,21 @@ same forms:
 
 Built-ins are named by ``"module:function"`` strings and imported only when used: the CLI stays
 light, and this table is constant data (no registration at import time, no global mutable state).
+A builder that takes ``device``/``dtype`` keywords gets them and builds in place (a model too large
+to exist first in float32 on the CPU); the others are built, then moved.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 from pathlib import Path
 
 #: Built-in pipeline names -> ``"module:function"`` building the pipeline (called with no argument).
 BUILTIN_PIPELINES: dict[str, str] = {
     "tiny": "clear_adapters.testing:tiny_flux_pipeline",
+    # FLUX.1-dev's transformer and VAE with random weights, built in place (bf16, ~24 GB): speed only
+    "flux-dev-random": "clear_adapters.random_flux:flux_dev_random_pipeline",
 }
 
 
@@ -78,9 +83,13 @@ def load_pipeline(source: str | Path, *, device: str | None = None, dtype=None, 
     name = str(source)
     if is_builtin(name):
         module_name, function = BUILTIN_PIPELINES[name].split(":")
-        pipe = getattr(importlib.import_module(module_name), function)()
-        if dtype is not None:
-            pipe.to(dtype=dtype)
+        builder = getattr(importlib.import_module(module_name), function)
+        if {"device", "dtype"} <= set(inspect.signature(builder).parameters):
+            pipe = builder(device=device, dtype=dtype)
+        else:
+            pipe = builder()
+            if dtype is not None and getattr(pipe, "dtype", None) != dtype:  # diffusers warns on every cast
+                pipe.to(dtype=dtype)
     else:
         path = Path(name).expanduser()
         looks_local = check_source(name)
