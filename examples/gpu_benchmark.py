@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -31,13 +32,20 @@ import torch
 
 import clear_adapters
 from clear_adapters import bench, pipeline_bench
-from clear_adapters.random_flux import FLUX_DEV_TRANSFORMER, flux_dev_random_pipeline
+from clear_adapters.random_flux import FLUX_DEV_TRANSFORMER, build_flux_transformer, flux_dev_random_pipeline
 
 #: the same architecture in miniature, for --small (a smoke test that runs on a CPU)
 SMALL_TRANSFORMER = dict(num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
                          joint_attention_dim=32, pooled_projection_dim=16, axes_dims_rope=(4, 6, 6))
 SMALL_VAE = dict(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                  block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=4)
+
+#: shared with examples/distill_flux.py and examples/gpu_xdit.py: FLUX.1-dev's transformer config, and the
+#: same architecture in miniature (a full FLUX transformer config) for their --small modes
+FLUX_DEV_CONFIG = FLUX_DEV_TRANSFORMER
+SMALL_CONFIG = dict(patch_size=1, in_channels=16, out_channels=None, num_layers=1, num_single_layers=1,
+                    attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16,
+                    guidance_embeds=True, axes_dims_rope=(4, 6, 6))
 
 FULL = dict(attention_grids="128x128,256x256,512x512", pipeline_sizes="1024,2048,4096", steps=4, check_grid="32x32",
             text=512, window=16.0, config=FLUX_DEV_TRANSFORMER, check_queries=256, model_tolerance=0.1)
@@ -47,6 +55,16 @@ SMALL = dict(attention_grids="16x16,24x24", pipeline_sizes="32,48", steps=2, che
 
 def log(message: str) -> None:
     print(message, flush=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build_transformer(config: dict, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """``FluxTransformer2DModel(**config)`` with seeded random weights, created directly in ``dtype`` on ``device``."""
+    return build_flux_transformer(config, device=device, dtype=dtype, seed=seed)
 
 
 # ------------------------------------------------------------------------------------------ attention
@@ -84,6 +102,26 @@ def transformer_inputs(config: dict, grid, text: int, device, dtype, seed: int =
 def forward(model, inputs: dict) -> torch.Tensor:
     with torch.no_grad():
         return model(**inputs, return_dict=False)[0]
+
+
+def timed(model, inputs, device, repeats: int) -> tuple[float, list[float], int | None]:
+    """(median seconds, all times, peak bytes of one extra forward on CUDA) after one warm-up forward."""
+    forward(model, inputs)
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        forward(model, inputs)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    peak = None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        forward(model, inputs)
+        sync(device)
+        peak = int(torch.cuda.max_memory_allocated(device) - base)
+    return statistics.median(times), times, peak
 
 
 def check_transformer(model, preset: dict, device, dtype) -> float:

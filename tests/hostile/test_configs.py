@@ -65,7 +65,7 @@ def test_load_arguments_are_validated_before_anything_changes(pipe, good, kwargs
     ({"window_size": 3, "backend": "nope"}, "backend"),
 ])
 def test_attach_arguments_are_validated_before_anything_changes(pipe, kwargs, field):
-    refused(pipe, lambda: clear_adapters.attach(pipe, **kwargs), InvalidArgumentError, field)
+    refused(pipe, lambda: clear_adapters.attach(pipe=pipe, **kwargs), InvalidArgumentError, field)
 
 
 def test_config_layers_are_checked_against_the_file_at_load(pipe, adapter_dir, tmp_path):
@@ -113,7 +113,7 @@ def transformer_inputs(height: int, width: int, text: int = 4) -> dict:
 
 def test_down_factor_that_does_not_divide_the_grid_names_the_pipelines_pixels(pipe):
     before = snapshot(pipe)
-    clear_adapters.attach(pipe, 3, down_factor=2)
+    clear_adapters.attach(3, pipe, down_factor=2)
     try:
         # a 68 px image is 17x17 tokens at the tiny pipeline's 4 px per token: not divisible by 2
         with pytest.raises(InvalidArgumentError,
@@ -127,7 +127,7 @@ def test_down_factor_that_does_not_divide_the_grid_names_the_pipelines_pixels(pi
 
 
 def test_attention_flops_validates_sizes(pipe, good):
-    handle = clear_adapters.attach(pipe, 3, down_factor=2)
+    handle = clear_adapters.attach(3, pipe, down_factor=2)
     try:
         for height, width in ((66, 64), (68, 64), (0, 64), (-8, 64)):
             with pytest.raises(InvalidArgumentError, match="height"):
@@ -152,5 +152,5 @@ def test_attach_on_a_bare_bf16_model_validates_the_window():
     model = tiny_flux_transformer(0).to(torch.bfloat16)
     before = snapshot(model)
     with pytest.raises(InvalidArgumentError, match="window_size"):
-        clear_adapters.attach(model, float("inf"))
+        clear_adapters.attach(float("inf"), model)
     assert_unchanged(model, before)

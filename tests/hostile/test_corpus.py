@@ -158,11 +158,11 @@ def _revision_not_string(c):
 
 
 def _attach_window_string(c):
-    return lambda: clear_adapters.attach(c.pipe, "3")
+    return lambda: clear_adapters.attach(window_size="3", pipe=c.pipe)
 
 
 def _attach_down_bool(c):
-    return lambda: clear_adapters.attach(c.pipe, 3, down_factor=True)
+    return lambda: clear_adapters.attach(3, c.pipe, down_factor=True)
 
 
 def _etag_empty(c):

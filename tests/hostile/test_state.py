@@ -51,7 +51,7 @@ def test_attach_failing_on_the_second_model_leaves_every_model_unchanged(control
     before = snapshot(controlnet_pipe)
     failing_on_call(monkeypatch, processors, "attach", 2, exc)
     with pytest.raises(type(exc)):
-        clear_adapters.attach(controlnet_pipe, 3, down_factor=2)
+        clear_adapters.attach(3, controlnet_pipe, down_factor=2)
     monkeypatch.undo()
     assert_unchanged(controlnet_pipe, before)
 
