@@ -28,7 +28,8 @@ _EXPORTS = {
     "list_adapters": "registry", "RegistryEntry": "registry",
     **{name: "errors" for name in ("ClearAdapterError", "AdapterNotFoundError", "IncompatibleModelError",
                                    "IntegrityError", "UnsafeFormatError", "HubError", "HubAuthError",
-                                   "OfflineError", "ClearPersistenceWarning")},
+                                   "OfflineError", "ClearPersistenceWarning", "HubNotFoundError", "HubServerError",
+                                   "InvalidAdapterError", "InvalidArgumentError", "MalformedResponseError")},
 }
 
 __all__ = [*_EXPORTS, "__version__"]
@@ -52,7 +53,8 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     from .artifact import save_adapter
     from .config import ClearConfig
     from .errors import (AdapterNotFoundError, ClearAdapterError, ClearPersistenceWarning, HubAuthError, HubError,
-                         IncompatibleModelError, IntegrityError, OfflineError, UnsafeFormatError)
+                         HubNotFoundError, HubServerError, IncompatibleModelError, IntegrityError, InvalidAdapterError,
+                         InvalidArgumentError, MalformedResponseError, OfflineError, UnsafeFormatError)
     from .geometry import Geometry
     from .kernels import clear_attention
     from .publish import PushResult, push

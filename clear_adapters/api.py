@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import numbers
 import re
 import warnings
 from dataclasses import dataclass, field, replace
@@ -12,17 +13,16 @@ from typing import Any
 
 import torch
 
-from . import processors, weights
+from . import processors, validate, weights
 from .config import ClearConfig
 from .errors import (AdapterNotFoundError, ClearAdapterError, ClearPersistenceWarning, IncompatibleModelError,
-                     IntegrityError)
+                     InvalidAdapterError, InvalidArgumentError)
 from .geometry import Geometry
 from .registry import RegistryEntry, is_registry_name, lookup
 
 logger = logging.getLogger("clear_adapters")
 
 CONFIG_NAME = "clear_config.json"
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass
@@ -90,10 +90,14 @@ class ClearHandle:
         """
         p = pixels_per_token or self.pixels_per_token
         if p is None:
-            raise ValueError("CLEAR was installed on a bare model, which does not know how many image pixels one "
-                             "token covers; pass pixels_per_token= (16 for FLUX.1: VAE factor 8 x 2x2 patches)")
-        if height % p or width % p:
-            raise ValueError(f"height and width must be multiples of {p} px for this pipeline")
+            raise InvalidArgumentError(
+                "CLEAR was installed on a bare model, which does not know how many image pixels one token covers; "
+                "pass pixels_per_token= (16 for FLUX.1: VAE factor 8 x 2x2 patches)")
+        step = p * self.config.down_factor  # the pooled branch tiles the grid in d x d blocks
+        for name, value in (("height", height), ("width", width)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0 or value % step:
+                raise InvalidArgumentError(f"{name} must be a positive multiple of {step} px for this pipeline and "
+                                           f"down factor, got {value!r}")
         geometry = Geometry.from_grid(height // p, width // p, text_len)
         heads, head_dim = self._head_shape
         full = geometry.attention_flops(head_dim, heads)
@@ -158,7 +162,9 @@ def resolve(source: str | Path, *, window_size: float | None = None, down_factor
 
 def _resolve(source, window_size, down_factor, weight_name, subfolder, revision, hub: HubOptions, proportional,
              backend, download, *, require_pattern: bool) -> AdapterSpec:
-    source_str = str(source)
+    validate.check_arguments(window_size=window_size, down_factor=down_factor,
+                             proportional_attention=proportional, backend=backend, revision=revision)
+    source_str = validate.check_source(source)
     weight_name, subfolder = _check_file_options(weight_name, subfolder)
     path = Path(source_str).expanduser()
     pattern = (window_size, down_factor, proportional, backend, require_pattern)
@@ -167,7 +173,7 @@ def _resolve(source, window_size, down_factor, weight_name, subfolder, revision,
         if weight_name or subfolder:
             raise ClearAdapterError(f"{source_str!r} is a registry name and already names its file "
                                     f"({entry.source}); to load another file pass the repo id or path with "
-                                    "weight_name=")
+                                    "weight_name=...")
         if entry.path:  # shipped inside the package (the toy's adapters): a local source with a name
             local = entry.local_path()
             if not local.exists():
@@ -184,29 +190,33 @@ def _resolve(source, window_size, down_factor, weight_name, subfolder, revision,
             spec = AdapterSpec(source_str, config, repo_id=entry.repo_id, filename=entry.filename,
                                revision=revision or entry.revision, sha256=entry.sha256, base_model=entry.base_model,
                                registry_entry=entry)
-    elif path.exists():
+    elif validate.path_exists(path):
         spec = _resolve_local(path, weight_name, subfolder, *pattern)
     elif path.suffix.lower() in weights.PICKLE_SUFFIXES:
         weights.check_safetensors_path(path)  # raises UnsafeFormatError before "not found"
-        raise AdapterNotFoundError(str(path))
+        raise AdapterNotFoundError(validate.shown(path))
     elif source_str.startswith(("/", ".", "~")) or source_str.endswith(".json") \
             or (source_str.endswith(".safetensors") and source_str.count("/") < 2):  # not owner/name/file
-        raise AdapterNotFoundError(f"no such file or directory: {path}")
+        raise AdapterNotFoundError(f"no such file or directory: {validate.shown(path)}")
     elif _HUB_FILE.match(source_str):  # owner/name/[folder/]file.safetensors, as diffusers loaders accept
         if weight_name or subfolder:
             raise ClearAdapterError(f"{source_str!r} already names a file in a Hub repo; pass either "
                                     "'owner/name/file.safetensors' or 'owner/name' with weight_name=/subfolder=")
         owner, name, rest = source_str.split("/", 2)
+        validate.check_repo_id(f"{owner}/{name}")
         folder, _, file_name = rest.rpartition("/")
         try:
             spec = _resolve_repo(f"{owner}/{name}", file_name, folder or None, revision, hub, *pattern, download)
         except AdapterNotFoundError as exc:
             raise AdapterNotFoundError(f"no local file {source_str}, and on the Hub: {exc}") from None
-    elif _REPO_ID.match(source_str) and not _looks_like_registry(source_str):
+    elif source_str.count("/") == 1 and not _looks_like_registry(source_str):
+        validate.check_repo_id(source_str)  # "owner/.." and friends: an argument error, not a Hub request
         spec = _resolve_repo(source_str, weight_name, subfolder, revision, hub, *pattern, download)
     elif source_str.endswith(".safetensors") or source_str.count("/") > 1:
-        raise AdapterNotFoundError(f"no such file or directory: {path}")
+        raise AdapterNotFoundError(f"no such file or directory: {validate.shown(path)}")
     else:
+        if len(source_str) > 255:  # no registry name is this long; do not echo it whole
+            raise AdapterNotFoundError(f"no adapter, file or Hub repo named {validate.shown(source_str)!r}")
         lookup(source_str)  # raises AdapterNotFoundError with the closest names
         raise AssertionError("unreachable")
     if download and spec.weights_path is None and spec.repo_id is not None:
@@ -267,8 +277,8 @@ def _make_config(known_window, known_down, window_size, down_factor, proportiona
 
 
 def _choose(explicit, recorded):
-    """The caller's setting when given, else what the adapter recorded."""
-    return bool(recorded) if explicit is None else bool(explicit)
+    """The caller's setting when given, else what the adapter recorded (both validated as booleans)."""
+    return bool(recorded) if explicit is None else explicit
 
 
 def _read_config_file(path: Path) -> dict:
@@ -277,25 +287,18 @@ def _read_config_file(path: Path) -> dict:
     return read_config(path)
 
 
-def _pattern_in_header(header: dict, where: str) -> tuple[float | None, int | None]:
-    """(window_size, down_factor) recorded in a safetensors ``__metadata__`` header (None when absent)."""
-    window = down = None
-    try:
-        if "window_size" in header:
-            window = float(header["window_size"])
-            window = int(window) if window.is_integer() else window
-        if "down_factor" in header:
-            down = int(header["down_factor"])
-    except (TypeError, ValueError):
-        raise IntegrityError(f"{where}: the safetensors header records window_size={header.get('window_size')!r}, "
-                             f"down_factor={header.get('down_factor')!r}; expected numbers") from None
-    return window, down
+def _pattern_in_header(header: dict, where: str, window_size=None, down_factor=None) -> tuple:
+    """(window_size, down_factor) recorded in a safetensors ``__metadata__`` header (None when absent).
+
+    An unreadable recorded value is an error naming the field, unless the caller gives that value.
+    """
+    return validate.header_pattern(header, where, window_size=window_size, down_factor=down_factor)
 
 
 def _raw_spec(source: str, header: dict, where: str, window_size, down_factor, proportional, backend, required,
               **fields) -> AdapterSpec:
     """The spec of a weights file without ``clear_config.json``: pattern from the caller, else its header."""
-    known_window, known_down = _pattern_in_header(header, where)
+    known_window, known_down = _pattern_in_header(header, where, window_size, down_factor)
     config = _make_config(known_window, known_down, window_size, down_factor, bool(proportional), backend, where,
                           required)
     return AdapterSpec(source, config, base_model=header.get("base_model"), metadata=dict(header),
@@ -304,7 +307,7 @@ def _raw_spec(source: str, header: dict, where: str, window_size, down_factor, p
 
 def _resolve_local(path: Path, weight_name, subfolder, window_size, down_factor, proportional, backend,
                    required) -> AdapterSpec:
-    if path.is_file():
+    if not path.is_dir():  # a file (or a FIFO/device: check_safetensors_path refuses those by name)
         if weight_name or subfolder:
             raise ClearAdapterError(f"{path} is a file; weight_name= and subfolder= apply to directories and Hub repos")
         return _local_file_spec(path, path, {}, window_size, down_factor, proportional, backend, required)
@@ -312,8 +315,12 @@ def _resolve_local(path: Path, weight_name, subfolder, window_size, down_factor,
     if not folder.is_dir():
         raise AdapterNotFoundError(f"no folder {subfolder!r} in {path}")
     config_data: dict = {}
-    if (folder / CONFIG_NAME).is_file():
-        config_data = _read_config_file(folder / CONFIG_NAME)
+    config_file = folder / CONFIG_NAME
+    if validate.path_exists(config_file) and not config_file.is_file():
+        raise InvalidAdapterError(f"{config_file} is not a regular file; an adapter directory's {CONFIG_NAME} is a "
+                                  "JSON file")
+    if config_file.is_file():
+        config_data = _read_config_file(config_file)
     if weight_name is not None:
         weights_file = folder / weight_name
         if not weights_file.is_file():
@@ -322,6 +329,8 @@ def _resolve_local(path: Path, weight_name, subfolder, window_size, down_factor,
             config_data = {}  # another file than the one the config describes: read as a raw checkpoint
     elif config_data:
         weights_file = folder / config_data["weights"]
+        if not validate.path_exists(weights_file):
+            raise AdapterNotFoundError(f"{config_file} names {config_data['weights']}, which is not in {folder}")
     else:
         candidates = sorted(folder.glob("*.safetensors"))
         pickles = [p for p in folder.iterdir() if p.suffix.lower() in weights.PICKLE_SUFFIXES]
@@ -343,9 +352,13 @@ def _local_file_spec(path: Path, weights_file: Path, config_data: dict, window_s
     if not config_data:
         return _raw_spec(str(path), header, str(weights_file), window_size, down_factor, proportional, backend,
                          required, weights_path=weights_file)
-    header_window, header_down = _pattern_in_header(header, str(weights_file))
-    known_window = config_data.get("window_size", header_window)
-    known_down = config_data.get("down_factor", header_down)
+    known_window = config_data.get("window_size")
+    known_down = config_data.get("down_factor")
+    header_window, header_down = _pattern_in_header(
+        header, weights_file.name, window_size if known_window is None else known_window,
+        down_factor if known_down is None else known_down)
+    known_window = header_window if known_window is None else known_window
+    known_down = header_down if known_down is None else known_down
     config = _make_config(known_window, known_down, window_size, down_factor,
                           _choose(proportional, config_data.get("proportional_attention", False)), backend,
                           str(path), required)
@@ -427,10 +440,8 @@ def _remote_header(repo_id, filename, revision, hub: HubOptions, *, download: bo
 
 
 def _safetensors_metadata(path: Path) -> dict:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as fh:
-        return dict(fh.metadata() or {})
+    # the validated header (no tensor is read): a broken file is an IntegrityError naming it
+    return dict(weights.safetensors_header(path).get("__metadata__", {}))
 
 
 # ---------------------------------------------------------------------------------------------- targets
@@ -547,14 +558,18 @@ def load(source: str | Path, pipe, *, weight_name: str | None = None, subfolder:
             model directory, or a Hub model id (default: the adapter's ``base_model``); only the
             tensors the adapter touches are read.
 
-    Everything is validated before the pipeline is touched; on error it is left unchanged.
+    Everything is validated before the pipeline is touched; on error (or Ctrl-C) it is left unchanged.
     """
+    validate.check_arguments(window_size=window_size, down_factor=down_factor,
+                             proportional_attention=proportional_attention, backend=backend, weight_mode=weight_mode,
+                             controlnet=controlnet, revision=revision)
     targets = flux_models(pipe, controlnet=controlnet)
     _refuse_double_install(targets)
     hub = HubOptions(token, cache_dir, local_files_only, force_download)
     spec = _resolve(source, window_size, down_factor, weight_name, subfolder, revision, hub, proportional_attention,
                     backend, True, require_pattern=True)
     state_dict, header = weights.read_adapter_file(spec.weights_path)
+    _check_config_layers(spec, state_dict)
     spec.metadata = {**header, **spec.metadata}
     file_down = weights.infer_down_factor(state_dict) or 1
     if not spec.down_factor_recorded:  # a raw checkpoint: its pooling weights say which down factor it has
@@ -564,8 +579,9 @@ def load(source: str | Path, pipe, *, weight_name: str | None = None, subfolder:
                                      f"but the adapter is configured with down_factor={spec.config.down_factor}")
     if weight_mode is None:
         weight_mode = spec.metadata.get("weight_mode", "replace")
-    if weight_mode not in ("replace", "delta"):
-        raise ValueError(f"weight_mode must be 'replace' or 'delta', got {weight_mode!r}")
+        if weight_mode not in validate.WEIGHT_MODES:  # from the file's header (the config is validated)
+            raise InvalidAdapterError(f"{spec.weights_path.name}: its header says weight_mode={weight_mode!r}; "
+                                      f"expected one of {validate.WEIGHT_MODES}")
     transformer = targets[0][1]
     base_tensors = None
     if weight_mode == "delta":
@@ -598,14 +614,17 @@ def load(source: str | Path, pipe, *, weight_name: str | None = None, subfolder:
     handle._head_shape = _head_shape(transformer)
     try:
         for name, model, weight_plan in plans:
-            handle._applied.append(weights.apply(weight_plan))
-            handle._installs.append(processors.attach(model, spec.config, weight_plan.spatial))
             handle._models.append(model)
+            applied = weights.AppliedWeights([])
+            handle._applied.append(applied)  # before writing: an interrupt at any point is undone
+            weights.apply(weight_plan, applied)
+            handle._installs.append(processors.attach(model, spec.config, weight_plan.spatial,
+                                                      pixels_per_token=handle.pixels_per_token))
             handle.replaced[name] = [n for n, _, _ in weight_plan.writes]
             handle._layer_counts[name] = len(weights.attention_layers(model))
             model._clear_handle = handle
             _guard_save_pretrained(model)
-    except Exception:
+    except BaseException:  # Ctrl-C included: nothing may stay half-installed
         _undo(handle)
         raise
     logger.info("CLEAR %s installed on %s (window %s, down factor %s)", spec.source, ", ".join(handle.targets),
@@ -626,6 +645,7 @@ def attach(*args, window_size: float | None = None, pipe=None, down_factor: int 
     """
     window_size, pipe = _attach_arguments(args, window_size, pipe)
     config = ClearConfig(window_size, down_factor, proportional_attention=proportional_attention, backend=backend)
+    validate.check_arguments(controlnet=controlnet)
     targets = flux_models(pipe, controlnet=controlnet)
     _refuse_double_install(targets)
     for name, model in targets:
@@ -634,15 +654,19 @@ def attach(*args, window_size: float | None = None, pipe=None, down_factor: int 
     handle = ClearHandle(spec, [n for n, _ in targets], {}, _pixels_per_token(pipe))
     handle._head_shape = _head_shape(targets[0][1])
     d = down_factor
-    for name, model in targets:
-        spatial = {n: torch.full((1, 1, 1, d, 1, d, 1), 1.0 / (d * d)) for n, _ in weights.attention_layers(model)} \
-            if d > 1 else None
-        handle._installs.append(processors.attach(model, config, spatial))
-        handle._models.append(model)
-        handle.replaced[name] = []
-        handle._layer_counts[name] = len(weights.attention_layers(model))
-        model._clear_handle = handle
-        _guard_save_pretrained(model)
+    try:
+        for name, model in targets:
+            layer_names = [n for n, _ in weights.attention_layers(model)]
+            spatial = {n: torch.full((1, 1, 1, d, 1, d, 1), 1.0 / (d * d)) for n in layer_names} if d > 1 else None
+            handle._models.append(model)
+            handle._installs.append(processors.attach(model, config, spatial, pixels_per_token=handle.pixels_per_token))
+            handle.replaced[name] = []
+            handle._layer_counts[name] = len(weights.attention_layers(model))
+            model._clear_handle = handle
+            _guard_save_pretrained(model)
+    except BaseException:  # an error (or Ctrl-C) on the second model must not leave the first converted
+        _undo(handle)
+        raise
     return handle
 
 
@@ -700,6 +724,16 @@ def _warn_then_save_pretrained(model, *args, **kwargs):
                       "model; use handle.save_pretrained(directory) to save the adapter.",
                       ClearPersistenceWarning, stacklevel=2)
     return type(model).save_pretrained(model, *args, **kwargs)
+
+
+def _check_config_layers(spec: AdapterSpec, state_dict) -> None:
+    """A clear_config.json's layer list (and pattern) must describe the weights file it names."""
+    if "layers" not in spec.metadata or "format_version" not in spec.metadata:
+        return  # no config (a bare file or a registry entry): plan() checks the file against the model
+    from .artifact import check_layout
+
+    shapes = {key: tuple(t.shape) for key, t in weights.normalize_keys(state_dict).items()}
+    check_layout(spec.metadata, shapes, {}, spec.weights_path.name)
 
 
 def _refuse_double_install(targets) -> None:

@@ -25,13 +25,16 @@ import os
 import re
 from pathlib import Path
 
-from .errors import ClearAdapterError, IncompatibleModelError, IntegrityError
+from .config import down_factor_problem, window_size_problem
+from .errors import ClearAdapterError, IncompatibleModelError, IntegrityError, InvalidAdapterError
 
 logger = logging.getLogger("clear_adapters")
 
 FORMAT_NAME = "clear-adapter"
 FORMAT_VERSION = 1
 CONFIG_NAME = "clear_config.json"
+#: A config is a few hundred bytes; refuse to read megabytes of anything claiming to be one.
+MAX_CONFIG_BYTES = 1 << 20
 CARD_NAME = "README.md"
 DEFAULT_WEIGHTS_NAME = "clear_adapter.safetensors"
 WEIGHT_MODES = ("replace", "delta")
@@ -44,12 +47,12 @@ _ADAPTER_KEY = re.compile(r"^(?P<layer>(?:single_)?transformer_blocks\.\d+\.attn
 def validate_config(data: dict, where: str = CONFIG_NAME) -> dict:
     """Check a parsed ``clear_config.json``; returns it. Newer format versions are refused clearly."""
     if not isinstance(data, dict):
-        raise IntegrityError(f"{where}: expected a JSON object")
+        raise InvalidAdapterError(f"{where}: expected a JSON object")
     if data.get("format", FORMAT_NAME) != FORMAT_NAME:
-        raise IntegrityError(f"{where}: format {data.get('format')!r} is not {FORMAT_NAME!r}")
+        raise InvalidAdapterError(f"{where}: format {data.get('format')!r} is not {FORMAT_NAME!r}")
     version = data.get("format_version")
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise IntegrityError(f"{where}: format_version must be a positive integer, got {version!r}")
+        raise InvalidAdapterError(f"{where}: format_version must be a positive integer, got {version!r}")
     if version > FORMAT_VERSION:
         raise ClearAdapterError(f"{where}: format_version {version} is newer than this clear_adapters "
                                 f"understands ({FORMAT_VERSION}); upgrade clear-adapters "
@@ -58,40 +61,39 @@ def validate_config(data: dict, where: str = CONFIG_NAME) -> dict:
     if architecture not in ARCHITECTURES:
         raise IncompatibleModelError(f"{where}: architecture {architecture!r} is not supported by this "
                                      f"clear_adapters (supported: {', '.join(ARCHITECTURES)})")
-    window = data.get("window_size")
-    if isinstance(window, bool) or not isinstance(window, (int, float)) or not window > 0 or window == float("inf"):
-        raise IntegrityError(f"{where}: window_size must be a positive number, got {window!r}")
-    down = data.get("down_factor", 1)
-    if isinstance(down, bool) or not isinstance(down, int) or down < 1:
-        raise IntegrityError(f"{where}: down_factor must be an integer >= 1, got {down!r}")
+    for key, problem in (("window_size", window_size_problem(data.get("window_size"))),
+                         ("down_factor", down_factor_problem(data.get("down_factor", 1)))):
+        if problem:
+            raise InvalidAdapterError(f"{where}: {key} {problem}")
     weights = data.get("weights")
     if not isinstance(weights, str) or not weights.endswith(".safetensors") or "/" in weights or "\\" in weights \
-            or weights.startswith("."):
-        raise IntegrityError(f"{where}: weights must name a .safetensors file beside it, got {weights!r}")
+            or weights.startswith(".") or "\0" in weights or len(weights) > 255:
+        raise InvalidAdapterError(f"{where}: weights must name a .safetensors file beside it, got {weights!r}")
     if data.get("weight_mode", "replace") not in WEIGHT_MODES:
-        raise IntegrityError(f"{where}: weight_mode must be one of {WEIGHT_MODES}")
+        raise InvalidAdapterError(f"{where}: weight_mode must be one of {WEIGHT_MODES}")
     sha = data.get("sha256")
     if sha is not None and (not isinstance(sha, str) or not _SHA256.match(sha)):
-        raise IntegrityError(f"{where}: sha256 must be 64 lowercase hex digits")
+        raise InvalidAdapterError(f"{where}: sha256 must be 64 lowercase hex digits")
     for key in ("base_model", "base_revision"):
         if data.get(key) is not None and not isinstance(data[key], str):
-            raise IntegrityError(f"{where}: {key} must be a string or null, got {data[key]!r}")
+            raise InvalidAdapterError(f"{where}: {key} must be a string or null, got {data[key]!r}")
     layers = data.get("layers")
     if layers is not None:
         if not isinstance(layers, list) or not all(isinstance(x, str) and _LAYER.match(x) for x in layers):
-            raise IntegrityError(f"{where}: layers must be a list of attention layer names like "
-                                 "'transformer_blocks.0.attn'")
+            raise InvalidAdapterError(f"{where}: layers must be a list of attention layer names like "
+                                      "'transformer_blocks.0.attn'")
         if len(set(layers)) != len(layers):
-            raise IntegrityError(f"{where}: layers lists a layer twice")
+            raise InvalidAdapterError(f"{where}: layers lists a layer twice")
     resolution = data.get("trained_resolution")
     if resolution is not None and not _is_resolution(resolution):
-        raise IntegrityError(f"{where}: trained_resolution must be a pixel size (int or [height, width]), "
-                             f"got {resolution!r}")
+        raise InvalidAdapterError(f"{where}: trained_resolution must be a pixel size (int or [height, width]), "
+                                  f"got {resolution!r}")
     if not isinstance(data.get("proportional_attention", False), bool):
-        raise IntegrityError(f"{where}: proportional_attention must be true or false")
+        raise InvalidAdapterError(f"{where}: proportional_attention must be true or false, got "
+                                  f"{data['proportional_attention']!r}")
     provenance = data.get("provenance")
     if provenance is not None and not isinstance(provenance, (str, dict)):
-        raise IntegrityError(f"{where}: provenance must be a string or an object")
+        raise InvalidAdapterError(f"{where}: provenance must be a string or an object")
     return data
 
 
@@ -106,9 +108,14 @@ def read_config(path: str | Path) -> dict:
     """Read and validate a ``clear_config.json``."""
     path = Path(path)
     try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise IntegrityError(f"{path}: {path.stat().st_size} bytes is far too large for a {CONFIG_NAME}")
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise IntegrityError(f"{path}: not valid JSON ({exc})") from None
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError; RecursionError: nesting
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise IntegrityError(f"{path}: not valid JSON ({reason})") from None
+    except OSError as exc:
+        raise IntegrityError(f"{path}: cannot read it ({exc.strerror or exc})") from None
     return validate_config(data, str(path))
 
 
@@ -152,27 +159,29 @@ def check_adapter_dir(directory: str | Path) -> tuple[dict, Path]:
             shapes = {key: tuple(fh.get_slice(key).get_shape()) for key in fh.keys()}
     except Exception as exc:  # safetensors raises its own error types
         raise IntegrityError(f"{weights_path}: cannot read the safetensors header ({exc})") from None
-    _check_layout(config, shapes, header, weights_path.name)
+    check_layout(config, shapes, header, weights_path.name)
     return config, weights_path
 
 
-def _check_layout(config: dict, shapes: dict[str, tuple], header: dict, name: str) -> None:
+def check_layout(config: dict, shapes: dict[str, tuple], header: dict, name: str) -> None:
+    """Raise :class:`InvalidAdapterError` unless the tensors (``shapes``) and header of the weights file
+    ``name`` are what ``config`` describes: its layers, projections, pooling weights and pattern."""
     down = config.get("down_factor", 1)
     by_layer: dict[str, set[str]] = {}
     for key, shape in shapes.items():
         match = _ADAPTER_KEY.match(key)
         if not match:
-            raise IntegrityError(f"{name}: unexpected tensor {key!r} (not a FLUX attention projection)")
+            raise InvalidAdapterError(f"{name}: unexpected tensor {key!r} (not a FLUX attention projection)")
         rest = match["rest"]
         by_layer.setdefault(match["layer"], set()).add(rest)
         if rest == "processor.spatial_weight":
             if down == 1:
-                raise IntegrityError(f"{name}: has pooling weights ({key}) but {CONFIG_NAME} says down_factor 1")
+                raise InvalidAdapterError(f"{name}: has pooling weights ({key}) but {CONFIG_NAME} says down_factor 1")
             if shape != (1, 1, 1, down, 1, down, 1):
-                raise IntegrityError(f"{name}: {key} has shape {shape}, expected (1, 1, 1, {down}, 1, {down}, 1) "
+                raise InvalidAdapterError(f"{name}: {key} has shape {shape}, expected (1, 1, 1, {down}, 1, {down}, 1) "
                                      f"for down_factor {down}")
     if not by_layer:
-        raise IntegrityError(f"{name}: holds no tensors")
+        raise InvalidAdapterError(f"{name}: holds no tensors")
     for layer, rests in by_layer.items():
         missing = [p for p in ("to_q.weight", "to_k.weight", "to_v.weight") if p not in rests]
         if layer.startswith("transformer_blocks.") and "to_out.0.weight" not in rests:
@@ -180,20 +189,20 @@ def _check_layout(config: dict, shapes: dict[str, tuple], header: dict, name: st
         if down > 1 and "processor.spatial_weight" not in rests:
             missing.append("processor.spatial_weight")
         if missing:
-            raise IntegrityError(f"{name}: layer {layer} lacks {', '.join(missing)}")
+            raise InvalidAdapterError(f"{name}: layer {layer} lacks {', '.join(missing)}")
     layers = config.get("layers")
     if layers is not None and set(layers) != set(by_layer):
         extra, absent = sorted(set(by_layer) - set(layers)), sorted(set(layers) - set(by_layer))
-        raise IntegrityError(f"{name}: tensors do not match the layers of {CONFIG_NAME} "
+        raise InvalidAdapterError(f"{name}: tensors do not match the layers of {CONFIG_NAME} "
                              f"(in the file only: {extra[:3]}, in the config only: {absent[:3]})")
     for key, expected in (("window_size", config["window_size"]), ("down_factor", down)):
         if key in header:
             try:
                 same = float(header[key]) == float(expected)
-            except ValueError:
+            except (TypeError, ValueError):
                 same = False
             if not same:
-                raise IntegrityError(f"{name}: header says {key}={header[key]} but {CONFIG_NAME} says {expected}")
+                raise InvalidAdapterError(f"{name}: header says {key}={header[key]} but {CONFIG_NAME} says {expected}")
 
 
 # ---------------------------------------------------------------------------------------------- save

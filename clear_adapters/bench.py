@@ -22,6 +22,7 @@ from __future__ import annotations
 import gc
 import logging
 import math
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -111,7 +112,7 @@ def make_inputs(case: AttentionCase, device, seed: int = 0):
 
 
 # ------------------------------------------------------------------------------------------ backends
-def _run_clear(name: str, q, k, v, geometry, config, weight):
+def _run_clear(name: str, q, k, v, geometry, config, weight, compile_flex: bool = False):
     scale = config.softmax_scale(q.shape[-1], geometry.total_len)
     if name == "dense":
         return clear_attention(q, k, v, geometry, config, backend="dense", spatial_weight=weight)
@@ -122,7 +123,7 @@ def _run_clear(name: str, q, k, v, geometry, config, weight):
     if name in ("flex", "flex-row"):
         order = "row" if name == "flex-row" else "tile"
         return flex_attention_clear(q, k, v, geometry, config, scale=scale, spatial_weight=weight, order=order,
-                                    compiled=q.is_cuda)
+                                    compiled=q.is_cuda or compile_flex)
     raise ValueError(f"unknown backend {name!r}; choose from {ALL_BACKENDS}")
 
 
@@ -130,14 +131,19 @@ def _run_sdpa(q, k, v, geometry, config):
     return F.scaled_dot_product_attention(q, k, v, scale=config.softmax_scale(q.shape[-1], geometry.total_len))
 
 
-def run_backend(name: str, q, k, v, geometry: Geometry, config: ClearConfig, weight=None):
-    """One call of a named backend ("sdpa" is full attention, the rest are CLEAR backends)."""
+def run_backend(name: str, q, k, v, geometry: Geometry, config: ClearConfig, weight=None,
+                compile_flex: bool = False):
+    """One call of a named backend ("sdpa" is full attention, the rest are CLEAR backends).
+
+    Flex runs compiled on CUDA, and on the CPU with ``compile_flex`` (else eagerly there).
+    """
     if name == "sdpa":
         return _run_sdpa(q, k, v, geometry, config)
-    return _run_clear(name, q, k, v, geometry, config, weight)
+    return _run_clear(name, q, k, v, geometry, config, weight, compile_flex)
 
 
-def unavailable_reason(name: str, case: AttentionCase, device: torch.device) -> str | None:
+def unavailable_reason(name: str, case: AttentionCase, device: torch.device,
+                       compile_flex: bool = False) -> str | None:
     """Why backend ``name`` is not benchmarked for ``case`` on ``device`` (None: it is)."""
     n = case.tokens
     if name == "dense" and n * n > MATERIALISE_LIMIT:
@@ -145,8 +151,8 @@ def unavailable_reason(name: str, case: AttentionCase, device: torch.device) -> 
     if name.startswith("flex"):
         if not flex_available():
             return "torch.nn.attention.flex_attention is not available"
-        if device.type != "cuda" and case.batch * case.heads * n * n > MATERIALISE_LIMIT:
-            return "uncompiled FlexAttention (CPU) materialises the N x N scores; too large"
+        if device.type != "cuda" and not compile_flex and case.batch * case.heads * n * n > MATERIALISE_LIMIT:
+            return "uncompiled FlexAttention (CPU) materialises the N x N scores; too large (--compile-flex)"
     return None
 
 
@@ -201,6 +207,11 @@ def _cuda_peak(fn, device) -> int:
     return int(torch.cuda.max_memory_allocated(device) - base)
 
 
+def peak_bytes(fn, device: torch.device) -> int | None:
+    """Peak bytes of tensors allocated during ``fn()`` beyond those alive before it (None: unknown)."""
+    return _cuda_peak(fn, device) if device.type == "cuda" else _cpu_peak(fn)
+
+
 def _cpu_peak(fn) -> int | None:
     """Peak bytes of torch CPU tensors allocated during ``fn()`` beyond those alive before it.
 
@@ -232,7 +243,8 @@ def bench_attention(tokens: tuple[int, int], window: float, *, text: int = 512, 
                     head_dim: int = 128, down: int = 1, batch: int = 1, backends=None, dtype: str | None = None,
                     device=None, repeats: int = 5, warmup: int = 1, check_queries: int = 1024,
                     tolerance: float | None = None, memory: bool = True,
-                    extra_backends: Mapping[str, BackendFn] | None = None, seed: int = 0) -> dict:
+                    extra_backends: Mapping[str, BackendFn] | None = None, seed: int = 0,
+                    compile_flex: bool = False) -> dict:
     """Time full-attention SDPA and CLEAR backends on one problem; check every CLEAR backend first.
 
     Args:
@@ -248,6 +260,9 @@ def bench_attention(tokens: tuple[int, int], window: float, *, text: int = 512, 
         extra_backends: more backends to time and check, ``{name: fn(q, k, v, geometry, config,
             spatial_weight)}`` — e.g. a candidate kernel, or a deliberately wrong one in tests.
         seed: inputs and query sample.
+        compile_flex: compile FlexAttention on the CPU too (a C++ compiler is needed; tens of seconds per
+            shape, paid in the warm-up call); without it CPU flex runs eagerly, and only where its
+            N x N scores fit.
 
     Returns a JSON-ready dict with per-backend results, ``speedup`` (SDPA median / default CLEAR backend
     median) and ``max_abs_error`` (default backend vs the dense reference).
@@ -267,7 +282,7 @@ def bench_attention(tokens: tuple[int, int], window: float, *, text: int = 512, 
     skipped = {}
     names = []
     for name in wanted:
-        reason = unavailable_reason(name, case, device)
+        reason = unavailable_reason(name, case, device, compile_flex)
         if reason is None:
             names.append(name)
         elif name == default:
@@ -280,11 +295,12 @@ def bench_attention(tokens: tuple[int, int], window: float, *, text: int = 512, 
         raise ValueError(f"extra backend names must not shadow built-in ones: {sorted(clash)}")
 
     q, k, v, weight = make_inputs(case, device, seed)
+    conditions = machine_conditions(device)
 
     def call(name):
         if name in extra:
             return extra[name](q, k, v, geometry, config, weight)
-        return run_backend(name, q, k, v, geometry, config, weight)
+        return run_backend(name, q, k, v, geometry, config, weight, compile_flex)
 
     all_names = names + list(extra)
     tol = default_tolerance(DTYPES[dtype]) if tolerance is None else float(tolerance)
@@ -329,8 +345,9 @@ def bench_attention(tokens: tuple[int, int], window: float, *, text: int = 512, 
         if memory:
             for name in all_names:
                 fn = (lambda n=name: call(n))
-                peaks[name] = _cuda_peak(fn, device) if device.type == "cuda" else _cpu_peak(fn)
+                peaks[name] = peak_bytes(fn, device)
 
+    load_after = load_average()
     full_flops = geometry.attention_flops(head_dim, heads, None, batch)
     clear_flops = geometry.attention_flops(head_dim, heads, config, batch)
     sdpa_median = statistics.median(times["sdpa"])
@@ -340,7 +357,7 @@ def bench_attention(tokens: tuple[int, int], window: float, *, text: int = 512, 
         flops = full_flops if name == "sdpa" else clear_flops
         results.append({
             "backend": name, "median_s": med, "times_s": times[name], "attention_flops": flops,
-            "gflops_per_s": flops / med / 1e9, "speedup_vs_sdpa": sdpa_median / med,
+            "best_s": min(times[name]), "gflops_per_s": flops / med / 1e9, "speedup_vs_sdpa": sdpa_median / med,
             "peak_extra_bytes": peaks.get(name), "max_abs_error": errors.get(name),
         })
     by_name = {r["backend"]: r for r in results}
@@ -349,28 +366,76 @@ def bench_attention(tokens: tuple[int, int], window: float, *, text: int = 512, 
         mem_method = "torch.cuda.max_memory_allocated" if device.type == "cuda" else \
             "peak of torch CPU allocations during one call (profiler memory events)"
     return {
-        "case": asdict(case), "tokens": case.tokens, "device": _describe_device(device),
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "default_backend": default,
+        "case": asdict(case), "tokens": case.tokens, "device": conditions["device"],
+        "threads": conditions["threads"], "torch": conditions["torch"], "conditions": conditions,
+        "load_1min_after": load_after, "warning": load_warning(conditions, load_after), "default_backend": default,
         "repeats": repeats, "checked_queries": int(index.numel()), "tolerance": tol,
         "full_flops": full_flops, "clear_flops": clear_flops, "flop_ratio": full_flops / clear_flops,
         "memory_method": mem_method, "results": results, "skipped": skipped,
-        "speedup": sdpa_median / by_name[default]["median_s"], "max_abs_error": errors[default],
+        "speedup": sdpa_median / by_name[default]["median_s"],
+        "speedup_best": by_name["sdpa"]["best_s"] / by_name[default]["best_s"], "max_abs_error": errors[default],
     }
 
 
 def _describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    import os
+    return f"CPU {cpu_model()} ({cores()} cores)"
+
+
+def cpu_model() -> str:
+    """The CPU's model name as the kernel reports it (``/proc/cpuinfo``), else what platform knows."""
     import platform
 
-    name = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
-        pass
-    return f"CPU {name} ({os.cpu_count()} cores)"
+        return platform.processor() or platform.machine()
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (None where the OS does not report one)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def cores() -> int:
+    """The cores this process may run on (containers and taskset restrict them), else all of them."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def current_load_warning() -> str | None:
+    """:func:`load_warning` for the load right now."""
+    return load_warning({"cores": cores(), "load_1min": load_average()})
+
+
+def machine_conditions(device: torch.device) -> dict:
+    """What a measured figure depends on: device, CPU model, cores, torch threads, torch version, load."""
+    capability = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", lambda: None)()
+    return {"device": _describe_device(device), "cpu": cpu_model(), "cpu_capability": capability, "cores": cores(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "load_1min": load_average()}
+
+
+def load_warning(conditions: dict, load_after: float | None = None) -> str | None:
+    """A warning when the 1-minute load (before or after the run) is above the number of cores.
+
+    Other processes then compete for the cores, and not evenly: a kernel made of many short parallel
+    regions (``tiled``) loses more than one long call (SDPA), so ratios measured under load are
+    distorted, not just noisier.
+    """
+    cores = conditions.get("cores") or 0
+    loads = [x for x in (conditions.get("load_1min"), load_after) if x is not None]
+    if not cores or not loads or max(loads) <= cores:
+        return None
+    return (f"warning: the 1-minute load ({max(loads):.1f}) is above the {cores} cores of this machine: other "
+            "processes compete for the CPU and distort the ratios (the tiled kernel loses more than SDPA); "
+            "measure on a quiet machine for figures to quote")
 
 
 def format_attention(result: dict) -> str:
@@ -391,12 +456,24 @@ def format_attention(result: dict) -> str:
                      f"{r['gflops_per_s']:>9.1f} {peak:>9} {r['speedup_vs_sdpa']:>7.2f}x {err:>9}")
     for name, reason in result["skipped"].items():
         lines.append(f"{name:<13} skipped: {reason}")
-    lines.append(f"* default CLEAR backend: speedup {result['speedup']:.2f}x over full-attention SDPA (FLOP ratio "
+    lines.append(f"* default CLEAR backend: speedup {result['speedup']:.2f}x over full-attention SDPA (medians; "
+                 f"{result['speedup_best']:.2f}x best round against best round; FLOP ratio "
                  f"{result['flop_ratio']:.1f}x), max abs error {result['max_abs_error']:.1e} vs the dense reference "
                  f"on {result['checked_queries']} queries")
     if result["memory_method"]:
         lines.append(f"peak memory: {result['memory_method']}")
+    lines.append(format_conditions(result["conditions"], result.get("load_1min_after")))
+    if result.get("warning"):
+        lines.append(result["warning"])
     return "\n".join(lines)
+
+
+def format_conditions(conditions: dict, load_after: float | None = None) -> str:
+    """One line naming what the figures depend on."""
+    load = conditions.get("load_1min")
+    loads = "n/a" if load is None else f"{load:.2f}" + ("" if load_after is None else f" -> {load_after:.2f}")
+    return (f"conditions: {conditions['device']}, {conditions['threads']} torch threads, torch {conditions['torch']}, "
+            f"1-minute load {loads}")
 
 
 # ------------------------------------------------------------------------------------------ sweep
@@ -449,48 +526,31 @@ def growth(sweep: dict, backend: str, small: tuple[int, int], large: tuple[int, 
 
 
 def plot_sweep(sweep: dict, path: str | Path) -> Path:
-    """Log-log PNG of median time against tokens per backend (matplotlib if installed, else PIL)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Log-log PNG of median time against tokens per backend."""
     labels = {"sdpa": "sdpa (full attention)", "dense": "dense (CLEAR reference)"}
     series = {}
     for p in sweep["points"]:
         for r in p["results"]:
             series.setdefault(labels.get(r["backend"], r["backend"]), []).append((p["tokens"], r["median_s"]))
-    title = f"attention time vs tokens (window {sweep['window']:g})"
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        _plot_pil(series, path, title)
-        return path
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for name, pts in series.items():
-        xs, ys = zip(*sorted(pts))
-        ax.loglog(xs, ys, marker="o", label=name)
-    ax.set_xlabel("tokens")
-    ax.set_ylabel("median time (s)")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return line_plot(series, path, f"attention time vs tokens (window {sweep['window']:g})", "tokens", "s")
 
 
 _COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
 
 
-def _plot_pil(series: dict, path: Path, title: str) -> None:
+def line_plot(series: Mapping[str, list], path: str | Path, title: str, x_label: str, y_unit: str) -> Path:
+    """A log-log PNG (PIL only): one line per ``{name: [(x, y), ...]}``, decades as grid lines."""
     from PIL import Image, ImageDraw
 
-    width, height, left, right, top, bottom = 800, 520, 80, 190, 40, 60
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    width, height, left, right, top, bottom = 800, 520, 80, 230, 40, 60
     img = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(img)
-    xs = [x for pts in series.values() for x, _ in pts]
-    ys = [y for pts in series.values() for _, y in pts if y > 0]
+    xs = [x for pts in series.values() for x, y in pts if x > 0 and y > 0]
+    ys = [y for pts in series.values() for x, y in pts if x > 0 and y > 0]
+    if not xs:
+        raise ValueError("nothing to plot: no positive points")
     lx0, lx1 = math.floor(math.log10(min(xs))), math.ceil(math.log10(max(xs)))
     ly0, ly1 = math.floor(math.log10(min(ys))), math.ceil(math.log10(max(ys)))
     lx1, ly1 = max(lx1, lx0 + 1), max(ly1, ly0 + 1)
@@ -508,12 +568,12 @@ def _plot_pil(series: dict, path: Path, title: str) -> None:
     for e in range(ly0, ly1 + 1):
         _, y = px(10 ** lx0, 10 ** e)
         draw.line([left, y, width - right, y], fill=(220, 220, 220))
-        draw.text((left - 40, y - 6), f"1e{e}s", fill="black")
+        draw.text((left - 45, y - 6), f"1e{e}{y_unit}", fill="black")
     draw.text((left, 12), title + " (log-log)", fill="black")
-    draw.text(((width - right + left) // 2 - 20, height - 25), "tokens", fill="black")
+    draw.text(((width - right + left) // 2 - 20, height - 25), x_label, fill="black")
     for i, (name, pts) in enumerate(sorted(series.items())):
         color = _COLORS[i % len(_COLORS)]
-        coords = [px(x, y) for x, y in sorted(pts) if y > 0]
+        coords = [px(x, y) for x, y in sorted(pts) if x > 0 and y > 0]
         if len(coords) > 1:
             draw.line(coords, fill=color, width=2)
         for cx, cy in coords:
@@ -522,6 +582,7 @@ def _plot_pil(series: dict, path: Path, title: str) -> None:
         draw.line([width - right + 10, ly + 6, width - right + 30, ly + 6], fill=color, width=3)
         draw.text((width - right + 36, ly), name, fill="black")
     img.save(path)
+    return path
 
 
 # ------------------------------------------------------------------------------------------ blocks

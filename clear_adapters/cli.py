@@ -14,9 +14,8 @@ import logging
 import sys
 
 from .commands.common import third_party_quiet, torch_threads
-from .errors import ClearAdapterError
 
-COMMAND_MODULES = ("core", "bench", "hub", "matrix")
+COMMAND_MODULES = ("core", "bench", "hub", "matrix", "distill")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"clear-adapters {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="log progress (INFO level) and show third-party warnings (hidden by default)")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback when a command fails")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMAND_MODULES:
@@ -37,12 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    try:
-        with third_party_quiet(args.verbose), torch_threads(getattr(args, "threads", None)):
-            return int(args.func(args) or 0)
-    except ClearAdapterError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    from .commands.failures import run_command
+
+    with third_party_quiet(args.verbose), torch_threads(getattr(args, "threads", None)):
+        return run_command(args.func, args, debug=args.debug)  # a failure is one line and status 2 (1 if a bug)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,4 +1,6 @@
-"""`ClearConfig`: the hyper-parameters that define one CLEAR attention pattern (pure stdlib)."""
+"""`ClearConfig`: the hyper-parameters that define one CLEAR attention pattern (pure stdlib).
+
+Invalid values raise :class:`~clear_adapters.errors.InvalidArgumentError` (a ``ValueError``)."""
 
 from __future__ import annotations
 
@@ -6,10 +8,34 @@ import math
 import numbers
 from dataclasses import asdict, dataclass, replace
 
+from .errors import InvalidArgumentError
+
 BACKENDS = ("auto", "dense", "tiled", "flex")
 
 #: The sequence length the published adapters were trained at: 64x64 image tokens + 512 text tokens.
 TRAIN_SEQ_LEN = 64 * 64 + 512
+
+#: Largest accepted window radius, in tokens. A window wider than the image is full attention, and FLUX
+#: at 16K px has 1024 tokens a side; beyond this r**2 and the tile plans only risk overflow.
+MAX_WINDOW_SIZE = 1_000_000
+#: Largest accepted down factor: pooling weights hold d**2 values per layer and the grid must divide by d.
+MAX_DOWN_FACTOR = 64
+
+
+def window_size_problem(value) -> str | None:
+    """Why ``value`` is not a valid window radius (None when it is)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return f"must be a number of latent tokens, got {value!r}"
+    if not (math.isfinite(value) and 0 < value <= MAX_WINDOW_SIZE):
+        return f"must be a finite number of tokens in (0, {MAX_WINDOW_SIZE}], got {value!r}"
+    return None
+
+
+def down_factor_problem(value) -> str | None:
+    """Why ``value`` is not a valid down factor (None when it is)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= MAX_DOWN_FACTOR:
+        return f"must be an integer from 1 to {MAX_DOWN_FACTOR}, got {value!r}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -34,17 +60,18 @@ class ClearConfig:
     backend: str = "auto"
 
     def __post_init__(self) -> None:
-        if isinstance(self.window_size, bool) or not isinstance(self.window_size, numbers.Real):
-            raise ValueError(f"window_size must be a number of latent tokens, got {self.window_size!r}")
-        if not (self.window_size > 0 and math.isfinite(self.window_size)):
-            raise ValueError(f"window_size must be a finite number of tokens > 0, got {self.window_size}")
-        if isinstance(self.down_factor, bool) or not isinstance(self.down_factor, numbers.Integral) \
-                or self.down_factor < 1:
-            raise ValueError(f"down_factor must be an integer >= 1, got {self.down_factor!r}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        if self.train_seq_len < 2:
-            raise ValueError(f"train_seq_len must be >= 2, got {self.train_seq_len}")
+        for name, problem in (("window_size", window_size_problem(self.window_size)),
+                              ("down_factor", down_factor_problem(self.down_factor))):
+            if problem:
+                raise InvalidArgumentError(f"{name} {problem}")
+        if not isinstance(self.proportional_attention, bool):
+            raise InvalidArgumentError(f"proportional_attention must be True or False, got "
+                                       f"{self.proportional_attention!r}")
+        if not isinstance(self.backend, str) or self.backend not in BACKENDS:
+            raise InvalidArgumentError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if isinstance(self.train_seq_len, bool) or not isinstance(self.train_seq_len, numbers.Integral) \
+                or self.train_seq_len < 2:
+            raise InvalidArgumentError(f"train_seq_len must be an integer >= 2, got {self.train_seq_len!r}")
 
     @property
     def halo(self) -> int:

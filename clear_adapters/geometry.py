@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import ClearConfig
+from .errors import InvalidArgumentError
 
 
 @dataclass(frozen=True)
@@ -113,9 +114,10 @@ class Geometry:
                              "down_factor=1 handles such sequences")
         for g in self.grids:
             if g.height % down_factor or g.width % down_factor:
-                raise ValueError(
+                # in tokens: pixels per token depend on the pipeline, which the processors know
+                raise InvalidArgumentError(
                     f"image grid {g.height}x{g.width} tokens is not divisible by down_factor {down_factor}; "
-                    f"use heights and widths that are multiples of {16 * down_factor} px")
+                    f"use image sizes whose token grid divides by {down_factor}")
         return self.grids
 
     # ------------------------------------------------------------------ the pattern

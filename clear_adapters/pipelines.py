@@ -12,17 +12,22 @@ same forms:
 
 Built-ins are named by ``"module:function"`` strings and imported only when used: the CLI stays
 light, and this table is constant data (no registration at import time, no global mutable state).
+A builder that takes ``device``/``dtype`` keywords gets them and builds in place (a model too large
+to exist first in float32 on the CPU); the others are built, then moved.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 from pathlib import Path
 
 #: Built-in pipeline names -> ``"module:function"`` building the pipeline (called with no argument).
 BUILTIN_PIPELINES: dict[str, str] = {
     "tiny": "clear_adapters.testing:tiny_flux_pipeline",
     "toy": "clear_adapters.toy.pipeline:toy_pipeline",
+    # FLUX.1-dev's transformer and VAE with random weights, built in place (bf16, ~24 GB): speed only
+    "flux-dev-random": "clear_adapters.random_flux:flux_dev_random_pipeline",
 }
 
 
@@ -33,6 +38,25 @@ def is_builtin(source: str) -> bool:
 
 def builtin_names() -> list[str]:
     return sorted(BUILTIN_PIPELINES)
+
+
+def check_source(source: str | Path) -> bool:
+    """Raise :class:`AdapterNotFoundError` unless ``source`` can name a pipeline; True when it is local.
+
+    Cheap (no import, no download): commands call it before any work, so a typo is one clear error.
+    """
+    from .errors import AdapterNotFoundError
+
+    name = str(source)
+    if is_builtin(name):
+        return False
+    path = Path(name).expanduser()
+    looks_local = path.exists() or name.startswith(("/", ".", "~")) or name.count("/") != 1
+    if looks_local and not path.is_dir():
+        raise AdapterNotFoundError(
+            f"pipeline {name[:200]!r} is neither a built-in ({', '.join(builtin_names())}), a pipeline directory "
+            "nor a Hub model id (owner/name)")
+    return looks_local
 
 
 def load_pipeline(source: str | Path, *, device: str | None = None, dtype=None, pipeline_class=None,
@@ -52,7 +76,7 @@ def load_pipeline(source: str | Path, *, device: str | None = None, dtype=None, 
     """
     import torch
 
-    from .errors import AdapterNotFoundError, ClearAdapterError
+    from .errors import ClearAdapterError
 
     if isinstance(dtype, str):
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
@@ -61,16 +85,16 @@ def load_pipeline(source: str | Path, *, device: str | None = None, dtype=None, 
     name = str(source)
     if is_builtin(name):
         module_name, function = BUILTIN_PIPELINES[name].split(":")
-        pipe = getattr(importlib.import_module(module_name), function)()
-        if dtype is not None:
-            pipe.to(dtype=dtype)
+        builder = getattr(importlib.import_module(module_name), function)
+        if {"device", "dtype"} <= set(inspect.signature(builder).parameters):
+            pipe = builder(device=device, dtype=dtype)
+        else:
+            pipe = builder()
+            if dtype is not None and getattr(pipe, "dtype", None) != dtype:  # diffusers warns on every cast
+                pipe.to(dtype=dtype)
     else:
         path = Path(name).expanduser()
-        looks_local = path.exists() or name.startswith(("/", ".", "~")) or name.count("/") != 1
-        if looks_local and not path.is_dir():
-            raise AdapterNotFoundError(
-                f"pipeline {name!r} is neither a built-in ({', '.join(builtin_names())}), a pipeline directory "
-                "nor a Hub model id (owner/name)")
+        looks_local = check_source(name)
         if pipeline_class is None:
             from diffusers import DiffusionPipeline as pipeline_class
         options = dict(kwargs)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -26,7 +27,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, FluxIPAdapterAttnProcessor
 
 from .config import ClearConfig
-from .errors import ClearAdapterError
+from .errors import ClearAdapterError, InvalidArgumentError
 from .geometry import Geometry
 from .kernels import clear_attention
 
@@ -40,22 +41,48 @@ class ModelContext:
     img_ids: torch.Tensor | None = None
     geometries: OrderedDict = field(default_factory=OrderedDict)
     kernel_calls: int = 0
+    down_factor: int = 1
+    pixels_per_token: int | None = None  # of the pipeline, for messages in pixels
+    #: Set by a multi-process runner (``clear_adapters.integrations.xdit`` / ``.halo``) while the model's
+    #: tokens are split across processes: an object whose ``attention(attn, state, query, key, value,
+    #: text_len, attention_mask)`` returns (B, N_local, H*D) for this process's tokens. None: one process.
+    sequence_parallel: object | None = None
     _ids_key: tuple | None = None
+    _grid_checked: tuple | None = None
 
     def set_ids(self, img_ids: torch.Tensor) -> None:
         if img_ids.ndim == 3:
             img_ids = img_ids[0]
         self.img_ids = img_ids
         self._ids_key = None
+        if self.down_factor > 1:
+            self._check_grid()
+
+    def _key(self) -> tuple:
+        if self._ids_key is None:
+            ids = self.img_ids.detach().to("cpu")
+            self._ids_key = (tuple(ids.shape), ids.to(torch.float64).numpy().tobytes())
+        return self._ids_key
+
+    def _check_grid(self) -> None:
+        # Before the first attention layer runs: a grid the pooling cannot tile is the caller's image
+        # size, and the message says which sizes work in this pipeline's own pixels per token.
+        if self._grid_checked == self._key():
+            return
+        d, p = self.down_factor, self.pixels_per_token
+        for g in Geometry.from_ids(self.img_ids, 0).grids or ():
+            if g.height % d or g.width % d:
+                size = f" ({g.height * p}x{g.width * p} px at {p} px per token)" if p else ""
+                hint = f"multiples of {d * p} px" if p else f"sizes whose token grid divides by {d}"
+                raise InvalidArgumentError(f"the image is a {g.height}x{g.width} tokens grid{size}, not divisible by "
+                                           f"down_factor {d}; use heights and widths that are {hint}")
+        self._grid_checked = self._key()
 
     def geometry(self, text_len: int) -> Geometry:
         if self.img_ids is None:
             raise ClearAdapterError("CLEAR attention ran before its model's forward recorded img_ids; call the "
                                     "model (transformer/ControlNet), not its attention layers, directly")
-        if self._ids_key is None:
-            ids = self.img_ids.detach().to("cpu")
-            self._ids_key = (tuple(ids.shape), ids.to(torch.float64).numpy().tobytes())
-        key = (text_len, self._ids_key)
+        key = (text_len, self._key())
         geometry = self.geometries.get(key)
         if geometry is None:
             geometry = Geometry.from_ids(self.img_ids, text_len)
@@ -112,10 +139,19 @@ def _project(attn, hidden_states, encoder_hidden_states):
 def _clear_core(attn, query, key, value, encoder_hidden_states, attention_mask, image_rotary_emb):
     """RoPE, then CLEAR attention on the joint sequence; returns (B, N, H*D)."""
     state = _state(attn)
+    context = state.context
+    if getattr(attn.processor, "_parallel_config", None) is not None and context.sequence_parallel is None:
+        # diffusers' context parallelism split the sequence and expects the processor to run its ring/Ulysses
+        # exchange; CLEAR would silently attend within one shard only
+        raise ClearAdapterError(f"{state.name}: diffusers context parallelism (enable_parallelism) is not supported "
+                                "by CLEAR; use clear_adapters.integrations.xdit (Ulysses, ring) or "
+                                "clear_adapters.integrations.halo for multi-process inference")
     if image_rotary_emb is not None:
         query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
         key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-    context = state.context
+    if context.sequence_parallel is not None:
+        text_len = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else None
+        return context.sequence_parallel.attention(attn, state, query, key, value, text_len, attention_mask)
     n_img = context.img_ids.shape[-2] if context.img_ids is not None else 0
     text_len = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else query.shape[1] - n_img
     geometry = context.geometry(text_len)
@@ -254,6 +290,9 @@ def check_attachable(model, model_name: str = "model") -> None:
     """Raise unless every FLUX attention layer of ``model`` can take CLEAR now (nothing is changed)."""
     from .weights import attention_layers
 
+    if getattr(getattr(model, "_parallel_config", None), "context_parallel_config", None) is not None:
+        raise ClearAdapterError(f"{model_name} runs diffusers context parallelism (enable_parallelism), which CLEAR "
+                                "does not support; use clear_adapters.integrations.xdit or .halo instead")
     for name, attn in attention_layers(model):
         if getattr(attn, "fused_projections", False):
             # the adapter's q/k/v would miss the fused to_qkv copy the processor reads
@@ -267,16 +306,17 @@ def check_attachable(model, model_name: str = "model") -> None:
 
 
 def attach(model, config: ClearConfig, spatial_weights: dict[str, torch.Tensor] | None = None,
-           layers: list[str] | None = None) -> ModelInstallation:
+           layers: list[str] | None = None, pixels_per_token: int | None = None) -> ModelInstallation:
     """Install CLEAR processors and hooks on every FLUX attention layer of ``model`` (no weight changes).
 
+    ``pixels_per_token`` (of the pipeline) lets errors about image sizes speak in pixels.
     Raises before changing anything if a layer runs a processor CLEAR cannot stand in for.
     """
     from .weights import attention_layers
 
     check_attachable(model)
     targets = [(n, a) for n, a in attention_layers(model) if layers is None or n in layers]
-    context = ModelContext()
+    context = ModelContext(down_factor=config.down_factor, pixels_per_token=pixels_per_token)
     install = ModelInstallation(model, context, {}, {})
     model._clear_context = context
     install.hooks.append(model.register_forward_pre_hook(_ids_hook_for(model), with_kwargs=True))
@@ -318,3 +358,27 @@ def detach(install: ModelInstallation) -> None:
             del attn._clear_state
     if getattr(install.model, "_clear_context", None) is install.context:
         del install.model._clear_context
+
+
+@contextmanager
+def suspended(install: ModelInstallation):
+    """Run ``install.model`` with its original attention for a while (e.g. as the teacher of distillation).
+
+    Each layer's CLEAR state is set aside (so the keep-CLEAR hook leaves the stock processor alone) and
+    the processor it replaced is put back; on exit CLEAR state and processors return as they were.
+    """
+    from .weights import attention_layers
+
+    layers = dict(attention_layers(install.model))
+    saved = []
+    try:
+        for name, original in install.original_processors.items():
+            attn = layers[name]
+            saved.append((attn, attn._clear_state, attn.processor))
+            del attn._clear_state
+            attn.set_processor(original)
+        yield install.model
+    finally:
+        for attn, state, processor in reversed(saved):
+            attn._clear_state = state
+            attn.set_processor(processor)

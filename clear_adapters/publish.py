@@ -30,7 +30,9 @@ from importlib import resources
 from pathlib import Path
 
 from .artifact import CARD_NAME, CONFIG_NAME, check_adapter_dir, validate_config
-from .errors import ClearAdapterError, IntegrityError
+from .errors import ClearAdapterError, IntegrityError, InvalidArgumentError
+from .validate import check_repo_id, check_revision
+from .weights import MAX_HEADER_BYTES
 
 logger = logging.getLogger("clear_adapters")
 
@@ -88,13 +90,16 @@ def read_matrix_report(path: str | Path) -> dict:
     if not json_path.is_file() and not md_path.is_file():
         raise ClearAdapterError(f"no compatibility-matrix report at {path}: expected matrix.md / matrix.json "
                                 "as written by `clear-adapters matrix`")
-    markdown = md_path.read_text(encoding="utf-8") if md_path.is_file() else None
+    try:
+        markdown = md_path.read_text(encoding="utf-8") if md_path.is_file() else None
+    except ValueError as exc:  # not UTF-8
+        raise IntegrityError(f"{md_path}: not a UTF-8 text file ({exc})") from None
     if not json_path.is_file():
         return {"cases": [], "meta": {}, "markdown": markdown}
     try:
         data = json.loads(json_path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise IntegrityError(f"{json_path}: not valid JSON ({exc})") from None
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
+        raise IntegrityError(f"{json_path}: not valid JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
     meta: dict = {}
     if isinstance(data, dict):
         meta = _report_meta(data)
@@ -357,11 +362,15 @@ def push(directory: str | Path, repo_id: str, *, revision: str | None = None, pr
 
     from .hub import git_blob_sha1, translate_errors
 
-    if not _REPO_ID.match(repo_id):
-        raise ValueError(f"repo_id must look like 'owner/name', got {repo_id!r}")
+    if not isinstance(repo_id, str) or not _REPO_ID.match(repo_id):
+        raise InvalidArgumentError(f"repo_id must look like 'owner/name', got {repo_id!r}")
+    check_repo_id(repo_id)
     branch = revision or "main"
+    check_revision(branch)
     if _REVISION_SHA.match(branch):
-        raise ValueError("revision must be a branch name to push to, not a commit sha")
+        raise InvalidArgumentError(f"revision must be a branch name to push to, not a commit sha, got {branch!r}")
+    if commit_message is not None and not isinstance(commit_message, str):
+        raise InvalidArgumentError(f"commit_message must be a string, got {type(commit_message).__name__}")
     directory = Path(directory)
     config, weights_path = check_adapter_dir(directory)
     if not config.get("base_model"):
@@ -380,7 +389,8 @@ def push(directory: str | Path, repo_id: str, *, revision: str | None = None, pr
     card_bytes = card_text.encode("utf-8")
     config_data = (directory / CONFIG_NAME).read_bytes()
     _refuse_secrets({CONFIG_NAME: config_data, CARD_NAME: card_bytes,
-                     weights_path.name: _safetensors_header(weights_path)}, token)
+                     weights_path.name: _safetensors_header(weights_path),
+                     "the commit message": (commit_message or "").encode("utf-8", "surrogatepass")}, token)
 
     api = HfApi()
     with translate_errors(repo_id, revision=branch, action="push to", token=token):
@@ -450,12 +460,13 @@ def _same(sibling, git_sha1: str | None, sha256: str | None, local_path: Path) -
 
 def _remote_config(repo_id: str, commit: str, token) -> dict:
     """The ``clear_config.json`` at ``commit``; an unreadable one is returned as a marker dict."""
-    import huggingface_hub
+    from .artifact import read_config
+    from .hub import download
 
-    path = huggingface_hub.hf_hub_download(repo_id, CONFIG_NAME, revision=commit, token=token)
+    path = download(repo_id, CONFIG_NAME, revision=commit, token=token)  # with its cache-path checks
     try:
-        return validate_config(json.loads(Path(path).read_text(encoding="utf-8")))
-    except (ClearAdapterError, ValueError) as exc:
+        return read_config(path)
+    except ClearAdapterError as exc:
         return {"_unreadable": str(exc)}
 
 
@@ -500,9 +511,9 @@ def _short(value) -> str:
 
 
 def _safetensors_header(path: Path) -> bytes:
-    with open(path, "rb") as fh:
+    with open(path, "rb") as fh:  # validated by check_adapter_dir: the length is within the cap
         (length,) = struct.unpack("<Q", fh.read(8))
-        return fh.read(min(length, 100_000_000))
+        return fh.read(min(length, MAX_HEADER_BYTES))
 
 
 def _refuse_secrets(blobs: dict[str, bytes], token) -> None:
@@ -512,4 +523,5 @@ def _refuse_secrets(blobs: dict[str, bytes], token) -> None:
     for secret in _known_tokens(token):
         for name, data in blobs.items():
             if secret.encode() in data:
-                raise ClearAdapterError(f"refusing to push: {name} contains a Hub token; remove it and re-save")
+                fix = "remove it" if name == "the commit message" else "remove it and re-save"
+                raise ClearAdapterError(f"refusing to push: {name} contains a Hub token; {fix}")

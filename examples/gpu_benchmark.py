@@ -8,10 +8,13 @@ i.e. 128x128, 256x256 and 512x512 latent tokens: full-attention SDPA (the teache
 FlexAttention in the upstream row-major token order ("flex-row") and in our 2-D tile order ("flex").
 Every CLEAR kernel is first checked against the CLEAR dense reference on a slice of queries.
 
-Part 2, a full-size ``FluxTransformer2DModel`` built from the FLUX.1-dev config in code (random weights,
-bf16, nothing downloaded) at 2K and 4K: one forward with the stock attention against one with CLEAR
-installed by ``clear_adapters.attach(16, transformer)``. Before timing, CLEAR's default backend is checked
-against the dense CLEAR backend on a small grid with the same weights.
+Part 2, whole generations: ``clear-adapters bench pipeline`` (:func:`clear_adapters.pipeline_bench.bench_pipeline`)
+on the built-in ``flux-dev-random`` pipeline -- FLUX.1-dev's transformer and VAE with random bf16
+weights, built on the GPU, nothing downloaded -- at 1K/2K/4K (8K with --pipeline-sizes): seconds per
+denoising step and per generation with full attention and with CLEAR (``attach``, r=16), the attention
+share of a step and peak memory. These are the paper's end-to-end speed table (Table 3, one H100) as
+ratios. Before timing, CLEAR's default backend is checked against the dense CLEAR backend inside the
+transformer on a small grid.
 
 Without CUDA (and without --small) the script says so and exits 0. Timings are medians of one process.
 """
@@ -28,21 +31,26 @@ from pathlib import Path
 import torch
 
 import clear_adapters
-from clear_adapters import bench
+from clear_adapters import bench, pipeline_bench
+from clear_adapters.random_flux import FLUX_DEV_TRANSFORMER, build_flux_transformer, flux_dev_random_pipeline
 
-#: FLUX.1-dev's transformer config (black-forest-labs/FLUX.1-dev, transformer/config.json)
-FLUX_DEV_CONFIG = dict(patch_size=1, in_channels=64, out_channels=None, num_layers=19, num_single_layers=38,
-                       attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
-                       pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
-#: the same architecture in miniature, for --small
+#: the same architecture in miniature, for --small (a smoke test that runs on a CPU)
+SMALL_TRANSFORMER = dict(num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+                         joint_attention_dim=32, pooled_projection_dim=16, axes_dims_rope=(4, 6, 6))
+SMALL_VAE = dict(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                 block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=4)
+
+#: shared with examples/distill_flux.py and examples/gpu_xdit.py: FLUX.1-dev's transformer config, and the
+#: same architecture in miniature (a full FLUX transformer config) for their --small modes
+FLUX_DEV_CONFIG = FLUX_DEV_TRANSFORMER
 SMALL_CONFIG = dict(patch_size=1, in_channels=16, out_channels=None, num_layers=1, num_single_layers=1,
                     attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16,
                     guidance_embeds=True, axes_dims_rope=(4, 6, 6))
 
-FULL = dict(attention_grids="128x128,256x256,512x512", model_grids="128x128,256x256", check_grid="32x32",
-            text=512, window=16.0, config=FLUX_DEV_CONFIG, check_queries=256, model_tolerance=0.1)
-SMALL = dict(attention_grids="16x16,24x24", model_grids="8x8,12x12", check_grid="6x6", text=8, window=4.0,
-             config=SMALL_CONFIG, check_queries=256, model_tolerance=1e-3)
+FULL = dict(attention_grids="128x128,256x256,512x512", pipeline_sizes="1024,2048,4096", steps=4, check_grid="32x32",
+            text=512, window=16.0, config=FLUX_DEV_TRANSFORMER, check_queries=256, model_tolerance=0.1)
+SMALL = dict(attention_grids="16x16,24x24", pipeline_sizes="32,48", steps=2, check_grid="6x6", text=8, window=4.0,
+             config={**FLUX_DEV_TRANSFORMER, **SMALL_TRANSFORMER}, check_queries=256, model_tolerance=1e-3)
 
 
 def log(message: str) -> None:
@@ -52,6 +60,11 @@ def log(message: str) -> None:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def build_transformer(config: dict, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """``FluxTransformer2DModel(**config)`` with seeded random weights, created directly in ``dtype`` on ``device``."""
+    return build_flux_transformer(config, device=device, dtype=dtype, seed=seed)
 
 
 # ------------------------------------------------------------------------------------------ attention
@@ -70,23 +83,7 @@ def run_attention(grids, preset: dict, device: torch.device, dtype: str, repeats
     return results
 
 
-# ------------------------------------------------------------------------------------------ transformer
-def build_transformer(config: dict, device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """``FluxTransformer2DModel(**config)`` with seeded random weights, created directly in ``dtype`` on
-    ``device`` (a 12B-parameter model never exists in float32 or on the CPU)."""
-    from diffusers import FluxTransformer2DModel
-
-    torch.manual_seed(seed)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = FluxTransformer2DModel(**config)
-    finally:
-        torch.set_default_dtype(previous)
-    return model.eval()
-
-
+# ------------------------------------------------------------------------------------------ pipeline
 def transformer_inputs(config: dict, grid, text: int, device, dtype, seed: int = 0) -> dict:
     """A FLUX forward's arguments for a ``grid`` of latent tokens (ids laid out as FluxPipeline does)."""
     h, w = grid
@@ -142,38 +139,30 @@ def check_transformer(model, preset: dict, device, dtype) -> float:
     return float((got - reference).abs().max() / reference.abs().max().clamp(min=1e-12))
 
 
-def run_transformer(grids, preset: dict, device: torch.device, dtype: torch.dtype, repeats: int) -> list[dict]:
+def run_pipeline(sizes, preset: dict, device: torch.device, dtype: torch.dtype, repeats: int, small: bool) -> dict:
     config = preset["config"]
-    log(f"\n== FluxTransformer2DModel ({config['num_layers']} double + {config['num_single_layers']} single blocks, "
-        f"{config['num_attention_heads']}x{config['attention_head_dim']}), random weights, {dtype} on {device}")
+    log(f"\n== flux-dev-random pipeline ({config['num_layers']} double + {config['num_single_layers']} single "
+        f"blocks, {config['num_attention_heads']}x{config['attention_head_dim']}), random weights, {dtype} on {device}")
     start = time.perf_counter()
-    model = build_transformer(config, device, dtype)
-    params = sum(p.numel() for p in model.parameters())
-    log(f"built in {time.perf_counter() - start:.1f} s: {params / 1e9:.2f} B parameters")
-    error = check_transformer(model, preset, device, dtype)
+    if small:
+        overrides = {k: v for k, v in config.items() if FLUX_DEV_TRANSFORMER.get(k) != v}
+        pipe = flux_dev_random_pipeline(device=device, dtype=dtype, vae=SMALL_VAE, **overrides)
+    else:
+        pipe = flux_dev_random_pipeline(device=device, dtype=dtype)
+    params = sum(p.numel() for p in pipe.transformer.parameters())
+    log(f"built in {time.perf_counter() - start:.1f} s: transformer {params / 1e9:.2f} B parameters")
+    error = check_transformer(pipe.transformer, preset, device, dtype)
     tolerance = preset["model_tolerance"]
     log(f"check on {preset['check_grid']}: default CLEAR backend vs dense CLEAR backend, relative max difference "
         f"{error:.2e} (tolerance {tolerance:g})")
     if not error <= tolerance:
         raise SystemExit(f"CLEAR transformer output differs from the dense reference by {error:.3g} (relative)")
-    rows = []
-    for grid in grids:
-        inputs = transformer_inputs(config, grid, preset["text"], device, dtype)
-        full_s, full_times, full_peak = timed(model, inputs, device, repeats)
-        handle = clear_adapters.attach(preset["window"], model)
-        clear_s, clear_times, clear_peak = timed(model, inputs, device, repeats)
-        calls = handle.kernel_calls
-        clear_adapters.unload(model)
-        row = {"grid": list(grid), "tokens": grid[0] * grid[1] + preset["text"], "full_s": full_s,
-               "clear_s": clear_s, "speedup": full_s / clear_s, "full_times_s": full_times,
-               "clear_times_s": clear_times, "full_peak_bytes": full_peak, "clear_peak_bytes": clear_peak,
-               "clear_kernel_calls": calls, "check_relative_error": error}
-        log(f"{grid[0]}x{grid[1]} tokens: full attention {full_s * 1e3:.0f} ms, CLEAR {clear_s * 1e3:.0f} ms "
-            f"per forward -> {row['speedup']:.2f}x")
-        rows.append(row)
-        del inputs
-    del model
-    return rows
+    result = pipeline_bench.bench_pipeline("flux-dev-random", sizes, steps=preset["steps"], window=preset["window"],
+                                           repeats=repeats, device=device, dtype=dtype, pipe=pipe, progress=False)
+    result["check_relative_error"] = error
+    log(pipeline_bench.format_pipeline(result))
+    del pipe
+    return result
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -185,10 +174,11 @@ def main(argv=None) -> int:
                         help="tiny shapes that run anywhere (CPU included): a smoke test of this script")
     parser.add_argument("--device", default=None, help="default: cuda (cpu only with --small)")
     parser.add_argument("--attention-grids", default=None, help="comma-separated HxW token grids")
-    parser.add_argument("--model-grids", default=None, help="comma-separated HxW token grids for the transformer")
+    parser.add_argument("--pipeline-sizes", default=None,
+                        help="comma-separated image sizes in pixels for part 2 (default 1024,2048,4096)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-attention", action="store_true")
-    parser.add_argument("--skip-transformer", action="store_true")
+    parser.add_argument("--skip-pipeline", action="store_true")
     args = parser.parse_args(argv)
 
     preset = SMALL if args.small else FULL
@@ -204,20 +194,19 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     dtype_name = "bfloat16" if dtype == torch.bfloat16 else "float32"
     grids = [bench.parse_grid(g) for g in (args.attention_grids or preset["attention_grids"]).split(",")]
-    model_grids = [bench.parse_grid(g) for g in (args.model_grids or preset["model_grids"]).split(",")]
-    environment = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                   "torch": torch.__version__, "clear_adapters": clear_adapters.__version__,
+    sizes = [int(size) for size in (args.pipeline_sizes or preset["pipeline_sizes"]).split(",")]
+    environment = {**bench.machine_conditions(device), "clear_adapters": clear_adapters.__version__,
                    "python": sys.version.split()[0], "small": args.small}
     log(f"clear-adapters GPU benchmark: {environment}")
     results = {"environment": environment, "window": preset["window"], "text": preset["text"],
-               "attention": [], "transformer": []}
+               "attention": [], "pipeline": None}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if not args.skip_attention:
         results["attention"] = run_attention(grids, preset, device, dtype_name, args.repeats)
         out.write_text(json.dumps(results, indent=1))  # keep part 1 even if part 2 runs out of memory
-    if not args.skip_transformer:
-        results["transformer"] = run_transformer(model_grids, preset, device, dtype, args.repeats)
+    if not args.skip_pipeline:
+        results["pipeline"] = run_pipeline(sizes, preset, device, dtype, max(1, args.repeats // 2), args.small)
     out.write_text(json.dumps(results, indent=1))
     log(f"\nsummary ({environment['device']}):")
     for r in results["attention"]:
@@ -226,8 +215,9 @@ def main(argv=None) -> int:
         row_note = f", flex-row {by['sdpa']['median_s'] / flex_row:.2f}x" if flex_row else ""
         log(f"  attention {r['case']['height']}x{r['case']['width']}: CLEAR ({r['default_backend']}) "
             f"{r['speedup']:.2f}x vs SDPA{row_note}; FLOP ratio {r['flop_ratio']:.1f}x")
-    for r in results["transformer"]:
-        log(f"  transformer {r['grid'][0]}x{r['grid'][1]}: {r['speedup']:.2f}x per forward")
+    for p in (results["pipeline"] or {}).get("sizes", []):
+        log(f"  pipeline {p['size']}px: {p['speedup']:.2f}x per step, {p['gen_speedup']:.2f}x per generation "
+            f"(attention {p['attention_share']:.0%} of a full-attention step)")
     log(f"wrote {out}")
     return 0
 

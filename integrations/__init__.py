@@ -6,6 +6,8 @@ Each module contributes its glue (if any) and the compatibility cases it adds to
 * ``controlnet`` -- single, multi and union ControlNets; CLEAR inside the ControlNet or not; Canny images
 * ``ip_adapter`` -- ``load_ip_adapter`` in either order; the IP branch stays dense
 * ``variants``   -- schnell-like, Kontext, Fill, Img2Img and fine-tuned transformers (replace / delta)
+* ``xdit``, ``halo`` -- multi-process inference: CLEAR inside xfuser's Ulysses/ring, and the exact
+  band-split halo mode (no matrix cases; docs/MULTI_GPU.md)
 
 Registration: a module here defines ``CASES``, a list of :class:`clear_adapters.compat.Case`;
 :func:`clear_adapters.compat.discover_cases` imports every module of this package (names not starting

@@ -37,6 +37,10 @@ What is honoured
   (401 ``Invalid credentials in Authorization header`` otherwise), reads of private repos need it
   too, and -- like the Hub -- a *wrong* token is rejected even on public reads.
 
+Fault injection (for the hostile-input tests): ``inject(repo, path, status=/headers=/short=)`` makes the
+resolve endpoint answer a wrong status, drop or forge headers (``X-Repo-Commit``, ``ETag``) or send a
+short body; ``inject_upload_failure(status)`` fails LFS uploads; ``clear_faults()`` undoes both.
+
 What is NOT honoured: Xet storage (never sends ``xetHash``/Xet headers), multipart LFS uploads,
 redirects to a CDN, pagination (every list is returned in one page), discussions beyond the PR ref,
 gating, ``expand[]`` field selection in repo info (all fields are always returned), gitignore
@@ -146,6 +150,15 @@ class Blob:
         return {sha_key: self.sha256, "size": self.size, "pointerSize": len(self.pointer)}
 
 
+class Fault:
+    """How the server misbehaves for one file (see ``HubServer.inject``)."""
+
+    def __init__(self, methods: tuple[str, ...], status: int | None, error_code: str | None, headers: dict,
+                 short: int | None):
+        self.methods, self.status, self.error_code = methods, status, error_code
+        self.headers, self.short = headers, short
+
+
 class Commit:
     """A commit: full snapshot of the tree (path -> Blob) plus its single parent."""
 
@@ -213,6 +226,8 @@ class HubServer:
         self._repos: dict[tuple[str, str], Repo] = {}
         self._lfs: dict[str, bytes] = {}  # sha256 -> content, shared by all repos
         self._corrupted: set[tuple[str, str, str, str]] = set()  # (type, repo, path, sha256)
+        self._faults: dict[tuple[str, str, str], Fault] = {}  # (type, repo, path) -> how to misbehave
+        self._upload_failure: int | None = None  # HTTP status the LFS upload PUT answers with
         self._counter = 0
         self._secret = secrets.token_bytes(16)  # signs LFS upload URLs (the client PUTs without auth)
         self._httpd: ThreadingHTTPServer | None = None
@@ -260,6 +275,41 @@ class HubServer:
         with self._lock:
             self._corrupted.clear()
 
+    def inject(self, repo_id: str, path: str, *, methods: tuple[str, ...] = ("HEAD", "GET"), status: int | None = None,
+               error_code: str | None = None, headers: dict | None = None, short: int | None = None,
+               repo_type: str = "model") -> None:
+        """Misbehave on purpose when ``path`` of ``repo_id`` is resolved (any revision), until ``clear_faults``.
+
+        ``status``: answer the ``methods`` with this HTTP status (``error_code`` as ``X-Error-Code``, none by
+        default). ``headers``: override response headers (``None`` as a value drops the header; an
+        ``ETag`` also replaces ``X-Linked-Etag``, which the client prefers). ``short``: GET serves only
+        that many bytes (with a matching Content-Length) while HEAD announces the full size.
+        """
+        with self._lock:
+            self._faults[(repo_type, repo_id, path)] = Fault(tuple(methods), status, error_code, dict(headers or {}),
+                                                             short)
+
+    def inject_upload_failure(self, status: int = 500) -> None:
+        """Answer every LFS upload PUT with ``status`` until ``clear_faults``."""
+        with self._lock:
+            self._upload_failure = status
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self._faults.clear()
+            self._upload_failure = None
+
+    def copy_repo(self, source: str, target: str, repo_type: str = "model") -> None:
+        """Create ``target`` with ``source``'s commits and refs, without any HTTP (a cheap fresh repo for tests)."""
+        with self._lock:
+            original = self._get_repo(repo_type, source) if (repo_type, source) in self._repos else None
+            if original is None:
+                raise KeyError(f"{repo_type} {source} does not exist")
+            repo = Repo(repo_type, target, original.private)
+            repo.commits, repo.branches = dict(original.commits), dict(original.branches)
+            repo.tags = dict(original.tags)
+            self._repos[(repo_type, target)] = repo
+
     def commits(self, repo_id: str, repo_type: str = "model") -> list[str]:
         """Commit shas reachable from ``main``, newest first."""
         with self._lock:
@@ -272,6 +322,8 @@ class HubServer:
             self._repos.clear()
             self._lfs.clear()
             self._corrupted.clear()
+            self._faults.clear()
+            self._upload_failure = None
 
     # ----------------------------------------------------------------------------- storage helpers
     def _lookup(self, repo_type: str, repo_id: str, revision: str) -> tuple[Repo, Commit]:
@@ -703,6 +755,8 @@ class _Handler(BaseHTTPRequestHandler):
         ticket = self.query.get("ticket", [""])[0]
         if not hmac.compare_digest(ticket, self.hub._ticket(oid, size)):
             raise HubError(403, "Invalid or expired upload URL")
+        if self.hub._upload_failure is not None:
+            raise HubError(self.hub._upload_failure, "injected upload failure")
         if len(self.body) != size or hashlib.sha256(self.body).hexdigest() != oid:
             raise HubError(400, "Uploaded content does not match the announced sha256/size")
         with self.hub._lock:
@@ -921,6 +975,11 @@ class _Handler(BaseHTTPRequestHandler):
             if blob is None:
                 raise HubError(404, "Entry not found", "EntryNotFound", {"X-Repo-Commit": commit.sha})
             data = self.hub._served_bytes(repo, path, blob)
+            fault = self.hub._faults.get((repo_type, repo_id, path))
+        if fault is not None and self.command not in fault.methods:
+            fault = None
+        if fault is not None and fault.status is not None:
+            raise HubError(fault.status, f"injected HTTP {fault.status}", fault.error_code)
         headers = {
             "X-Repo-Commit": commit.sha,
             "ETag": f'"{blob.etag}"',
@@ -930,6 +989,16 @@ class _Handler(BaseHTTPRequestHandler):
         if blob.lfs:
             headers["X-Linked-Etag"] = f'"{blob.sha256}"'
             headers["X-Linked-Size"] = str(blob.size)
+        if fault is not None:
+            for key, value in fault.headers.items():
+                targets = [key] + (["X-Linked-Etag"] if key == "ETag" and blob.lfs else [])
+                for target in targets:
+                    if value is None:
+                        headers.pop(target, None)
+                    else:
+                        headers[target] = value
+            if fault.short is not None and self.command == "GET":
+                data = data[:fault.short]
         byte_range = self.headers.get("Range")
         if byte_range:
             span = _parse_range(byte_range, len(data))

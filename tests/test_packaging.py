@@ -51,5 +51,5 @@ def test_wheel_builds_without_metadata_warnings_and_ships_its_data(tmp_path):
     for needed in ("clear_adapters/templates/matrix.html.jinja", "clear_adapters/model_cards/adapter_card.md.jinja",
                    "clear_adapters/data/registry.toml", "clear_adapters/integrations/lora.py"):
         assert needed in names, needed
-    # extras name only what the code imports (cv2 for Canny edges); no extra for a package nothing imports
-    assert set(metadata.get_all("Provides-Extra")) == {"dev", "controlnet"}
+    # extras name only what the code imports: cv2 for Canny edges, xfuser for integrations/xdit.py
+    assert set(metadata.get_all("Provides-Extra")) == {"dev", "controlnet", "xdit"}

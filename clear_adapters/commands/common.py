@@ -19,20 +19,10 @@ _THIRD_PARTY_MODULES = r"(diffusers|transformers|torch|peft|accelerate|huggingfa
 
 def add_threads_argument(parser) -> None:
     """``--threads N``: torch CPU threads for this command."""
-    parser.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+    from .argtypes import positive_int
+
+    parser.add_argument("--threads", type=positive_int, default=None, metavar="N",
                         help="CPU threads torch may use (default: torch's choice; tiny pipelines run best on 1)")
-
-
-def _positive_int(text: str) -> int:
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 @contextlib.contextmanager

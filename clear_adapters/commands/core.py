@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from importlib import resources
 from pathlib import Path
 
+from . import argtypes
 from .common import add_threads_argument
 
 DEMO_ADAPTER = "data/demo_adapter_r4.safetensors"
@@ -34,9 +36,10 @@ def register(sub) -> None:
     p.add_argument("--out", default="clear_demo.png", help="where to write the PNG")
     p.add_argument("--prompt", action="append", default=None, help="toy prompt (repeatable; default: four examples)")
     p.add_argument("--adapter", default="toy", help="toy: CLEAR adapter (default toy = toy/r4)")
-    p.add_argument("--sizes", default="128,256", help="tiny only: square image sizes in pixels (4 px/token)")
-    p.add_argument("--steps", type=int, default=None, help="default: toy 8, tiny 4")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sizes", type=argtypes.sizes, default="128,256",
+                   help="tiny only: square image sizes in pixels (4 px/token)")
+    p.add_argument("--steps", type=argtypes.positive_int, default=None, help="default: toy 8, tiny 4")
+    p.add_argument("--seed", type=argtypes.non_negative_int, default=0)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("generate", help="generate an image with a CLEAR adapter")
@@ -44,17 +47,18 @@ def register(sub) -> None:
                    help="diffusers FLUX pipeline: Hub id, local directory, or 'tiny' (offline test pipeline)")
     p.add_argument("--adapter", default="flux-dev", help="registry name, local path or Hub repo id; 'none' for full")
     add_source_arguments(p)
-    p.add_argument("--window-size", type=float, default=None)
+    p.add_argument("--window-size", type=argtypes.window, default=None)
     p.add_argument("--prompt", required=True)
-    p.add_argument("--height", type=int, default=1024)
-    p.add_argument("--width", type=int, default=1024)
-    p.add_argument("--steps", type=int, default=28)
-    p.add_argument("--guidance", type=float, default=3.5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--height", type=argtypes.positive_int, default=1024)
+    p.add_argument("--width", type=argtypes.positive_int, default=1024)
+    p.add_argument("--steps", type=argtypes.positive_int, default=28)
+    p.add_argument("--guidance", type=argtypes.finite, default=3.5)
+    p.add_argument("--seed", type=argtypes.non_negative_int, default=0)
+    p.add_argument("--device", type=argtypes.device, default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--backend", default="auto", choices=["auto", "dense", "tiled", "flex"])
-    p.add_argument("--proportional-attention", action="store_true")
+    p.add_argument("--proportional-attention", action=argparse.BooleanOptionalAction, default=None,
+                   help="the authors' high-resolution logit scale (default: as the adapter records it)")
     p.add_argument("--out", default="clear_image.png")
     add_threads_argument(p)
     p.set_defaults(func=cmd_generate)
@@ -161,7 +165,14 @@ def run_demo(out: str | Path, sizes=(128, 256), steps: int = 4, seed: int = 0, p
 
 def cmd_demo(args) -> int:
     if args.pipeline == "tiny":
-        run_demo(args.out, tuple(int(s) for s in args.sizes.split(",")), args.steps or 4, args.seed)
+        from ..errors import InvalidArgumentError
+        from ..testing import TINY_PIXELS_PER_TOKEN
+
+        sizes = tuple(int(s) for s in args.sizes.split(","))
+        if any(size % TINY_PIXELS_PER_TOKEN for size in sizes):
+            raise InvalidArgumentError(f"--sizes must be multiples of {TINY_PIXELS_PER_TOKEN} px (the tiny pipeline's "
+                                       f"pixels per token), got {args.sizes}")
+        run_demo(args.out, sizes, args.steps or 4, args.seed)
         return 0
     from ..toy.demo import DEMO_PROMPTS, run_toy_demo
     from ..toy.pipeline import STEPS

@@ -28,17 +28,12 @@ def register(subparsers) -> None:
 
 
 def cmd_push(args) -> int:
-    import sys
-
     from ..publish import push
 
-    try:
-        result = push(args.directory, args.repo_id, revision=args.revision, private=args.private, token=args.token,
-                      commit_message=args.message, matrix=args.matrix, allow_replace=args.allow_replace,
-                      allow_foreign_matrix=args.allow_foreign_matrix)
-    except ValueError as exc:  # bad arguments (repo id, revision): a message, not a traceback
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    # bad arguments (repo id, revision) are InvalidArgumentError: the CLI prints one line, status 2
+    result = push(args.directory, args.repo_id, revision=args.revision, private=args.private, token=args.token,
+                  commit_message=args.message, matrix=args.matrix, allow_replace=args.allow_replace,
+                  allow_foreign_matrix=args.allow_foreign_matrix)
     if result.changed:
         print(f"pushed {args.directory} to {result.repo_id}@{result.revision} ({', '.join(result.files)})")
     else:

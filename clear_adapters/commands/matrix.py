@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from . import argtypes
 from .common import add_threads_argument
 
 #: Plugin resources a real pipeline needs, as (option, metavar, help); each may be given several times.
@@ -38,18 +39,20 @@ def register(subparsers) -> None:
                                                  "(default: toy/* on the toy, all the others elsewhere)")
     p.add_argument("--list", action="store_true", help="list the cases and exit")
     p.add_argument("--out", default="clear_matrix", help="output directory")
-    p.add_argument("--window-size", type=float, default=None)
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--window-size", type=argtypes.window, default=None)
+    p.add_argument("--height", type=argtypes.positive_int, default=None)
+    p.add_argument("--width", type=argtypes.positive_int, default=None)
+    p.add_argument("--steps", type=argtypes.positive_int, default=None)
+    p.add_argument("--seed", type=argtypes.non_negative_int, default=0)
     p.add_argument("--prompt", default=None)
-    p.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens (tiny and toy default 32)")
-    p.add_argument("--min-psnr", type=float, default=None, help="pass threshold, dB (written into the report)")
-    p.add_argument("--min-ssim", type=float, default=None, help="pass threshold (written into the report)")
-    p.add_argument("--exact-tolerance", type=float, default=None,
+    p.add_argument("--max-sequence-length", type=argtypes.positive_int, default=None,
+                   help="T5 tokens (tiny and toy default 32)")
+    p.add_argument("--min-psnr", type=argtypes.finite, default=None,
+                   help="pass threshold, dB (written into the report)")
+    p.add_argument("--min-ssim", type=argtypes.finite, default=None, help="pass threshold (written into the report)")
+    p.add_argument("--exact-tolerance", type=argtypes.non_negative, default=None,
                    help="max |difference| for 'equal' images (default 1e-5 in float32, 5e-2 in bf16/fp16)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", type=argtypes.device, default=None)
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     add_threads_argument(p)
     for name, metavar, help_text in RESOURCE_OPTIONS:
@@ -64,6 +67,9 @@ def cmd_matrix(args) -> int:
         for case in discover_cases():
             print(f"{case.name:<32} {case.plugin:<11} {case.description}")
         return 0
+    from ..pipelines import check_source
+
+    check_source(args.pipeline)  # a missing pipeline is one error, not a report of failed cases
     thresholds = {k: v for k, v in (("min_psnr", args.min_psnr), ("min_ssim", args.min_ssim),
                                     ("exact_tolerance", args.exact_tolerance)) if v is not None}
     resources = {name.replace("-", "_"): getattr(args, name.replace("-", "_")) for name, _, _ in RESOURCE_OPTIONS}

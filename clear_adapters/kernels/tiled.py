@@ -1,17 +1,21 @@
 """The tiled kernel: exact CLEAR attention with time and memory linear in the number of image tokens.
 
 Image queries are cut into 2-D tiles; each tile attends the key rectangle its window can reach
-(clamped inside the grid so all rectangles have one size) under one geometric mask that every tile at
-the same offsets shares: interior tiles form one class, border tiles a few more. Broadcasting that one
-mask over tiles and heads is about twice as fast on CPU as a mask per tile, and CPU SDPA has a fused
-kernel only for 4-D inputs, so every call is 4-D with tiles as the batch dimension. Two ways to feed it:
+(clamped inside the grid so all rectangles have one size) under a geometric mask: interior tiles
+share one, border tiles have their own. CPU SDPA has a fused kernel only for 4-D inputs, so every
+call is 4-D. Two ways to feed it:
 
-* ``"strips"`` (CPU inference, the fast path). K and V under each column of tiles are copied once into
-  a contiguous strip as wide as the rectangles. Inside a strip every tile's rectangle is a run of whole
-  strip rows, so the tiles of a column become one overlapping strided *view*: no per-tile gather. The
-  window part runs through the fused CPU kernel, which also returns the log-sum-exp; the text and
-  pooled keys, which every image query attends, run as one unmasked call over all image queries; the
-  parts are merged exactly by log-sum-exp. That LSE output has no autograd formula, hence:
+* ``"strips"`` (CPU inference, the fast path). K and V under each column of tiles are copied into a
+  contiguous strip as wide as the rectangles; inside a strip every tile's rectangle is a run of whole
+  strip rows, so the tiles of a column are one overlapping strided *view*: no per-tile gather.
+  Neighbouring strips of one kind (same sizes and masks: every column but the border ones) are cut by
+  one copy into one buffer, head-major inside each strip, so that (strip, head) is one batch
+  dimension and the tiles the second: one call per run of tiles (the interior run, and the runs
+  clamped at the top and bottom border, which carry one mask per tile) serves all of them. A loaded
+  machine punishes many short calls (each waits for every worker), so fewer, larger calls matter
+  there most. The window part runs through the fused CPU kernel, which also returns the log-sum-exp;
+  the text and pooled keys, which every image query attends, run as one unmasked call over all image
+  queries; the parts are merged exactly by log-sum-exp. That LSE output has no autograd formula, hence:
 * ``"gather"`` (any device, differentiable, caller masks). Each tile's rectangle, the text keys and
   the pooled keys are gathered into one key set and attended in a single masked call per class.
 
@@ -34,7 +38,10 @@ CHUNK_ELEMENTS = 1 << 24
 
 METHODS = ("auto", "strips", "gather")
 #: output elements per call of the strips path's text/pooled-key part (bounds its extra memory)
-GLOBAL_CHUNK_ELEMENTS = 1 << 21
+GLOBAL_CHUNK_ELEMENTS = 1 << 22
+#: elements of one K (or V) buffer of the strips path: neighbouring strips of one kind are cut by one
+#: copy and run as one call per group while they fit (fewer, larger calls); one strip always runs
+STRIP_BATCH_ELEMENTS = 1 << 23
 
 # Cost model of the strips path, in units of one (query, key, head) pair of full attention. The fused
 # CPU kernel splits a call's queries into blocks of 32 (64 from 192 queries on) and runs two small
@@ -43,7 +50,10 @@ GLOBAL_CHUNK_ELEMENTS = 1 << 21
 # tile, measured inside strips on the 2-core AMD EPYC of the CI (torch 2.13, fp32, head_dim 64):
 _PAIR_COST = ((16, 2.1), (32, 1.44), (48, 1.44), (64, 1.33), (128, 1.25), (192, 1.12), (256, 1.1), (768, 1.02))
 _STRIP_COPY_PAIRS = 40.0  # copying one K+V row into a strip, per head
-_CALL_PAIRS = 20000.0  # Python + dispatch overhead of one kernel call, per head
+# Python + dispatch overhead of one kernel call, per head. Counted per strip although neighbouring strips
+# now share calls; re-measured with the shared calls, the choices hold (160x160, r=16: 4x8 best of six
+# shapes; r=8 and r=32 at 128x128 within 7 % of the best measured shape).
+_CALL_PAIRS = 20000.0
 _TILE_SIDES = (2, 3, 4, 6, 8, 12, 16, 24, 32)
 
 
@@ -61,13 +71,15 @@ def _pair_cost(queries: int) -> float:
 # ============================================================================ strips (CPU fast path)
 @dataclass(frozen=True)
 class _Group:
-    """``n`` consecutive tiles of one strip whose rectangles start one tile height apart."""
+    """``n`` consecutive tiles of one strip, run as one call: their rectangles start ``key_step`` strip
+    rows apart (``th`` inside the grid, 0 where they are clamped at its top or bottom border)."""
 
     y0: int  # first query row (grid-local)
     n: int
     rows: int  # query rows per tile (== tile height except in a last partial tile row)
     key_row0: int  # first strip row of the first tile's rectangle
-    signature: tuple  # (rows, cols, dy, dx, rect_h, rect_w): fixes the shared mask
+    key_step: int
+    signatures: tuple  # per tile: (rows, cols, dy, dx, rect_h, rect_w), which fixes its mask
 
 
 @dataclass
@@ -83,6 +95,11 @@ class _Strip:
     rect_w: int
     groups: list
 
+    def kind(self) -> tuple:
+        """Strips of one kind, side by side, run together: same grids, sizes, groups and masks."""
+        return (self.q_grid, self.k_grid, self.cols, self.rect_h, self.rect_w,
+                tuple((g.y0, g.n, g.rows, g.key_row0, g.key_step, g.signatures) for g in self.groups))
+
 
 @dataclass
 class StripPlan:
@@ -90,12 +107,14 @@ class StripPlan:
 
     tile_shape: tuple[int, int]
     strips: list  # same-grid strips first: they cover every image query once
+    runs: list  # (first strip, count): consecutive strips of one kind, one tile width apart
     masks: dict  # signature -> (allowed (Q, K) bool, rows without any key (Q,) bool)
     device_cache: dict
 
     @property
     def calls(self) -> int:
-        return sum(len(s.groups) for s in self.strips)
+        """Kernel calls of the window part when every run fits in one batch."""
+        return sum(len(self.strips[first].groups) for first, _ in self.runs)
 
 
 def _window_mask(signature: tuple, r2: float) -> torch.Tensor:
@@ -146,28 +165,54 @@ def build_strip_plan(geometry: Geometry, config: ClearConfig, tile_shape: tuple[
                     signature = (rows, cols, abs_y0 - (h.row0 + key_row0), dx, rect_h, rect_w)
                     if not bool(mask_of(signature)[0].any()):
                         continue  # a tile of another grid that reaches nothing in this one
+                    # A run of tiles is one call when its rectangles advance by one step: th strip rows
+                    # inside the grid, 0 where clamped at a border (there each tile has its own mask).
                     last = groups[-1] if groups else None
-                    if last is not None and last.signature == signature and last.y0 + last.n * th == y0 \
-                            and key_row0 - last.key_row0 == last.n * th:
-                        groups[-1] = _Group(last.y0, last.n + 1, rows, last.key_row0, signature)
+                    step = key_row0 - last.key_row0 - (last.n - 1) * last.key_step if last else -1
+                    if last is not None and last.rows == rows and last.y0 + last.n * th == y0 and \
+                            (step == last.key_step if last.n > 1 else step in (0, th)):
+                        groups[-1] = _Group(last.y0, last.n + 1, rows, last.key_row0, step,
+                                            last.signatures + (signature,))
                     else:
-                        groups.append(_Group(y0, 1, rows, key_row0, signature))
+                        groups.append(_Group(y0, 1, rows, key_row0, th, (signature,)))
                 if groups:
                     (same if qi == ki else cross).append(
                         _Strip(qi, ki, x0, cols, key_col0, rect_h, rect_w, groups))
-    plan = StripPlan(tile_shape, same + cross, masks, {})
+    strips = same + cross
+    runs: list[list[int]] = []
+    for i, strip in enumerate(strips):
+        if runs:
+            first, count = runs[-1]
+            prev = strips[first + count - 1]
+            if strip.kind() == prev.kind() and strip.x0 == prev.x0 + prev.cols and \
+                    strip.key_col0 == prev.key_col0 + prev.cols:
+                runs[-1][1] += 1
+                continue
+        runs.append([i, 1])
+    plan = StripPlan(tile_shape, strips, [tuple(r) for r in runs], masks, {})
     geometry.cache[cache_key] = plan
     return plan
 
 
-def _strip_mask(plan: StripPlan, signature: tuple, dtype: torch.dtype, device: torch.device):
-    """Additive mask (or None when nothing is masked) and the empty-row flags, cached per dtype/device."""
-    key = (signature, dtype, str(device))
+def _strip_mask(plan: StripPlan, signatures: tuple, dtype: torch.dtype, device: torch.device):
+    """Additive mask of a group and its rows without any key (None where nothing is masked / empty).
+
+    One (Q, K) mask broadcast over the group's tiles when they share it (interior runs), else one
+    per tile, (1, n, Q, K) (tiles are the kernel's second dimension): the fused kernel reads a
+    per-tile mask as fast as a shared one. Cached per dtype and device.
+    """
+    key = (signatures, dtype, str(device))
     if key not in plan.device_cache:
-        allowed, empty = plan.masks[signature]
+        distinct = list(dict.fromkeys(signatures))
+        allowed = torch.stack([plan.masks[sig][0] for sig in signatures]) if len(distinct) > 1 \
+            else plan.masks[distinct[0]][0]
+        empty = ~allowed.any(-1)
         additive = None if bool(allowed.all()) else \
             torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, float("-inf")).to(device)
-        plan.device_cache[key] = (additive, empty.to(device) if bool(empty.any()) else None)
+        if additive is not None and additive.ndim == 3:
+            additive = additive.unsqueeze(0)  # (strips x heads: broadcast, tiles, Q, K)
+        empty = empty.to(device) if bool(empty.any()) else None  # (tiles|.., Q) against lse (B, tiles, Q)
+        plan.device_cache[key] = (additive, empty)
     return plan.device_cache[key]
 
 
@@ -179,58 +224,51 @@ def _merge_into(out: torch.Tensor, lse: torch.Tensor, part_out: torch.Tensor, pa
     lse.copy_(total)
 
 
-@dataclass
-class _Cut:
-    """A contiguous strip of grid columns and the strides of one strip row, one head, one token."""
-
-    data: torch.Tensor
-    row_stride: int
-    head_stride: int
-    token_stride: int
-    bh: int
-    dim: int
-
-    def tiles(self, tiles: int, first_row: int, tile_rows: int, tokens: int) -> torch.Tensor:
-        """(tiles, B*H, tokens, D) view; tile ``i`` starts ``first_row + i * tile_rows`` strip rows down.
-
-        Tiles overlap where their rectangles share rows; the kernel only reads them.
-        """
-        return self.data.as_strided(
-            (tiles, self.bh, tokens, self.dim), (tile_rows * self.row_stride, self.head_stride, self.token_stride, 1),
-            # .contiguous() may return a view into the caller's tensor, so offsets are relative to it
-            self.data.storage_offset() + first_row * self.row_stride)
-
-
 class _StripCutter:
-    """Copies column ranges of a grid's Q/K/V into contiguous strips.
+    """Copies the columns under a run of strips of one grid's Q, K or V into one contiguous buffer.
 
-    A strip keeps the memory order of its source so the copy moves whole rows: token-major
-    (tokens, B, H, D) for diffusers' projections (``(B, N, H, D).transpose(1, 2)``), head-major
-    (B, H, tokens, D) for contiguous (B, H, N, D) tensors.
+    The buffer is (strips, B*H, grid rows, strip columns, D): head-major inside a strip, so that
+    (strip, head) is one kernel batch dimension with one stride and a tile's rectangle is a run of
+    whole rows. One copy serves every strip of the run (the source is an overlapping strided view:
+    neighbouring strips share columns), and the buffer is reused from one run to the next.
     """
 
     def __init__(self, tensor: torch.Tensor, text: int):
-        batch, heads, _, dim = tensor.shape
-        self.token_major = tensor.stride(1) < tensor.stride(2)
-        self.source = tensor.permute(2, 0, 1, 3) if self.token_major else tensor
-        self.text, self.bh, self.dim = text, batch * heads, dim
-        # one buffer reused by every strip: a fresh multi-MB allocation per strip costs page faults
+        self.tensor, self.text = tensor, text
+        self.batch, self.heads, _, self.dim = tensor.shape
+        # one buffer reused by every run: a fresh multi-MB allocation per run costs page faults
         self.buffer = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
 
-    def cut(self, grid, col0: int, cols: int) -> _Cut:
-        a, b = self.text + grid.start, self.text + grid.start + grid.size
-        bh, dim = self.bh, self.dim
-        if self.token_major:
-            src = self.source[a:b].unflatten(0, (grid.height, grid.width))[:, col0:col0 + cols]
-            strides = (cols * bh * dim, dim, bh * dim)
-        else:
-            src = self.source[:, :, a:b].unflatten(2, (grid.height, grid.width))[:, :, :, col0:col0 + cols]
-            strides = (cols * dim, grid.height * cols * dim, dim)
-        if self.buffer.numel() < src.numel():
-            self.buffer = torch.empty(src.numel(), dtype=src.dtype, device=src.device)
-        strip = self.buffer[:src.numel()].view(src.shape)
-        strip.copy_(src)
-        return _Cut(strip, *strides, bh, dim)
+    def cut(self, grid, col0: int, cols: int, strips: int, step: int) -> torch.Tensor:
+        """Strips of ``cols`` columns from ``col0`` on, each ``step`` columns right of the previous."""
+        t = self.tensor
+        sb, sh, sn, sd = t.stride()
+        source = t.as_strided((strips, self.batch, self.heads, grid.height, cols, self.dim),
+                              (sn * step, sb, sh, sn * grid.width, sn, sd),
+                              t.storage_offset() + sn * (self.text + grid.start + col0))
+        size = source.numel()
+        if self.buffer.numel() < size:
+            self.buffer = torch.empty(size, dtype=t.dtype, device=t.device)
+        out = self.buffer[:size].view(strips, self.batch * self.heads, grid.height, cols, self.dim)
+        out.view(source.shape).copy_(source)
+        return out
+
+
+def _tiles(buffer: torch.Tensor, tiles: int, first_row: int, row_step: int, rows: int) -> torch.Tensor:
+    """(strips x heads, tiles, rows x columns, D) view of a strip buffer; tile ``i`` starts
+    ``first_row + i * row_step`` rows down. Tiles overlap where their rectangles share rows (or, with
+    ``row_step`` 0, are the same rows); the kernel only reads them."""
+    n, bh, _, cols, dim = buffer.shape
+    s_strip, s_head, s_row = buffer.stride()[:3]
+    assert s_strip == bh * s_head, "strip buffers are contiguous"
+    return buffer.as_strided((n * bh, tiles, rows * cols, dim), (s_head, row_step * s_row, dim, 1),
+                             buffer.storage_offset() + first_row * s_row)
+
+
+def _strips_per_batch(bh: int, dim: int, grids, plan: StripPlan) -> int:
+    """Strips per batch: as many as keep one K (or V) buffer within :data:`STRIP_BATCH_ELEMENTS`."""
+    widest = max((grids[s.k_grid].height * s.rect_w for s in plan.strips), default=1)
+    return max(1, STRIP_BATCH_ELEMENTS // (bh * dim * widest))
 
 
 def strips_supported(query: torch.Tensor, attention_mask=None, needs_grad: bool = False) -> bool:
@@ -260,36 +298,40 @@ def _strips_attention(query, key, value, geometry: Geometry, config: ClearConfig
     img_lse = torch.empty(n_img, bh, dtype=torch.promote_types(acc_dtype, torch.float32))
     img_out_bh = img_out.view(n_img, bh, dim)
     q_cut, k_cut, v_cut = (_StripCutter(t, text) for t in (query, key, value))
+    max_strips = _strips_per_batch(bh, dim, grids, plan)
 
     def out_view(t, g):
         return t[g.start:g.start + g.size].unflatten(0, (g.height, g.width))
 
-    q_strip = q_key = None
-    for strip in plan.strips:
-        g, h = grids[strip.q_grid], grids[strip.k_grid]
-        if q_key != (strip.q_grid, strip.x0):
-            q_key, q_strip = (strip.q_grid, strip.x0), q_cut.cut(g, strip.x0, strip.cols)
-        k_strip = k_cut.cut(h, strip.key_col0, strip.rect_w)
-        v_strip = v_cut.cut(h, strip.key_col0, strip.rect_w)
-        rect = strip.rect_h * strip.rect_w
-        out_grid, lse_grid = out_view(img_out_bh, g), out_view(img_lse, g)
-        qcols = slice(strip.x0, strip.x0 + strip.cols)
-        for grp in strip.groups:
-            qv = q_strip.tiles(grp.n, grp.y0, th, grp.rows * strip.cols)
-            kv = k_strip.tiles(grp.n, grp.key_row0, th, rect)
-            vv = v_strip.tiles(grp.n, grp.key_row0, th, rect)
-            mask, empty = _strip_mask(plan, grp.signature, mask_dtype, query.device)
-            part, part_lse = flash(qv, kv, vv, 0.0, False, attn_mask=mask, scale=scale)
-            if empty is not None:  # the kernel reports lse 0 for rows that saw no key
-                part_lse = part_lse.masked_fill(empty, float("-inf"))
-            rows = slice(grp.y0, grp.y0 + grp.n * grp.rows)
-            part = part.transpose(1, 2).reshape(grp.n * grp.rows, strip.cols, bh, dim)
-            part_lse = part_lse.transpose(1, 2).reshape(grp.n * grp.rows, strip.cols, bh)
-            if strip.q_grid == strip.k_grid:  # same-grid strips come first and cover each query once
-                out_grid[rows, qcols].copy_(part)
-                lse_grid[rows, qcols].copy_(part_lse)
-            else:
-                _merge_into(out_grid[rows, qcols], lse_grid[rows, qcols], part, part_lse)
+    for first, count in plan.runs:
+        for a in range(first, first + count, max_strips):
+            n = min(max_strips, first + count - a)
+            strip = plan.strips[a]
+            g, h = grids[strip.q_grid], grids[strip.k_grid]
+            q_buf = q_cut.cut(g, strip.x0, strip.cols, n, strip.cols)
+            k_buf = k_cut.cut(h, strip.key_col0, strip.rect_w, n, strip.cols)
+            v_buf = v_cut.cut(h, strip.key_col0, strip.rect_w, n, strip.cols)
+            out_grid, lse_grid = out_view(img_out_bh, g), out_view(img_lse, g)
+            cols = slice(strip.x0, strip.x0 + n * strip.cols)
+            for grp in strip.groups:
+                qv = _tiles(q_buf, grp.n, grp.y0, th, grp.rows)
+                kv = _tiles(k_buf, grp.n, grp.key_row0, grp.key_step, strip.rect_h)
+                vv = _tiles(v_buf, grp.n, grp.key_row0, grp.key_step, strip.rect_h)
+                mask, empty = _strip_mask(plan, grp.signatures, mask_dtype, query.device)
+                part, part_lse = flash(qv, kv, vv, 0.0, False, attn_mask=mask, scale=scale)
+                if empty is not None:  # the kernel reports lse 0 for rows that saw no key
+                    part_lse = part_lse.masked_fill(empty, float("-inf"))
+                # (strips x heads, tiles, rows x cols, ...) -> (tiles, rows, strips, cols, heads, ...)
+                part = part.unflatten(0, (n, bh)).unflatten(3, (grp.rows, strip.cols)).permute(2, 3, 0, 4, 1, 5)
+                part_lse = part_lse.unflatten(0, (n, bh)).unflatten(3, (grp.rows, strip.cols)).permute(2, 3, 0, 4, 1)
+                rows = slice(grp.y0, grp.y0 + grp.n * grp.rows)
+                dest = out_grid[rows, cols].unflatten(0, (grp.n, grp.rows)).unflatten(2, (n, strip.cols))
+                dest_lse = lse_grid[rows, cols].unflatten(0, (grp.n, grp.rows)).unflatten(2, (n, strip.cols))
+                if strip.q_grid == strip.k_grid:  # same-grid strips come first and cover each query once
+                    dest.copy_(part)
+                    dest_lse.copy_(part_lse)
+                else:
+                    _merge_into(dest, dest_lse, part, part_lse)
 
     # text and pooled keys: every image query attends all of them, so no mask and one call
     global_k, global_v = key[:, :, :text], value[:, :, :text]
