@@ -9,7 +9,6 @@ of prompts with full attention, with the distilled adapter and with the bare pat
 * ``toy/controlnet``     the toy's ``FluxControlNetModel``: shapes where the Canny condition puts them (IoU);
 * ``toy/variant``        the fine-tuned variant (knows ``cyan``), adapter in ``replace`` mode;
 * ``toy/variant-delta``  the same in ``delta`` mode (``W_variant + W_clear - W_base``, base: the toy);
-* ``toy/ip_adapter``     the toy's IP-Adapter: the reference image's colour without a colour in the prompt.
 
 The plugin cases also compare CLEAR vs full attention with the plugin off on the same prompts (the
 plugin-free PSNR) and the plugin's effect (task score on minus off) under CLEAR and full attention.
@@ -126,35 +125,6 @@ def _prepare_variant(ctx, mode: str) -> CaseSetup:
                            + ("W_variant + (W_clear - W_base)" if mode == "delta" else "adapter weights replace"))
 
 
-def _prepare_ip_adapter(ctx) -> CaseSetup:
-    from clear_adapters.toy import data, detector
-    from clear_adapters.toy.pipeline import load_toy_ip_adapter
-
-    _need_toy(ctx)
-    pipe = ctx.base_pipeline()
-    load_toy_ip_adapter(pipe)
-    scenes = data.single_object_prompts(PROMPTS, seed=ctx.seed + 4)
-    references = [data.render(s) for s in scenes]
-    from clear_adapters.imaging import to_pil
-
-    with torch.no_grad():
-        embeds = pipe.encode_image([to_pil(r) for r in references], "cpu", 1)[:, None]
-    call = {"prompt": [""] * len(scenes), "ip_adapter_image_embeds": [embeds],
-            "negative_ip_adapter_image_embeds": [torch.zeros_like(embeds)]}
-
-    def off(generate):
-        pipe.set_ip_adapter_scale(0.0)
-        try:
-            return generate()
-        finally:
-            pipe.set_ip_adapter_scale(1.0)
-
-    return CaseSetup(pipe, call, off=off, off_description="set_ip_adapter_scale(0)",
-                     task=_rate(lambda im, s: detector.colour_present(im, s.shapes[0].colour), scenes),
-                     task_name="colour", teardown=pipe.unload_ip_adapter,
-                     notes="empty prompts; the image prompt (a rendered scene) carries the colour")
-
-
 CASES = [
     Case("toy/base", "none", "the trained toy, no plugin: prompt following", _prepare_base),
     Case("toy/lora", "lora", "the toy's LoRA via load_lora_weights, trigger word 'snowy'", _prepare_lora),
@@ -163,6 +133,4 @@ CASES = [
          lambda ctx: _prepare_variant(ctx, "replace")),
     Case("toy/variant-delta", "finetuned", "the toy's fine-tuned variant, weight_mode='delta'",
          lambda ctx: _prepare_variant(ctx, "delta")),
-    Case("toy/ip_adapter", "ip_adapter", "the toy's IP-Adapter: image prompt instead of a colour word",
-         _prepare_ip_adapter),
 ]

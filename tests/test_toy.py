@@ -7,8 +7,6 @@ shared by the tests; every number asserted here is an acceptance line of the toy
 from __future__ import annotations
 
 import json
-import time
-from pathlib import Path
 
 import pytest
 import torch

@@ -238,3 +238,16 @@ def colour_scenes(colour: str, count: int, seed: int = 0) -> list[Scene]:
     """``count`` single-object scenes of ``colour`` over the nine positions (e.g. the variant's ``cyan``)."""
     gen = torch.Generator().manual_seed(seed)
     return [single_scene(colour, i % 9, gen, with_size=False) for i in range(count)]
+
+
+def distill_prompts(count: int = 512, seed: int = 7) -> list[str]:
+    """``count`` distinct captions drawn like the training data (the CLEAR adapters' distillation prompts).
+
+    Empty captions are left out (the distiller's prompt list has no blank lines); the first caption that
+    repeats is skipped, so the list is the same for a given ``(count, seed)``."""
+    gen = torch.Generator().manual_seed(seed)
+    captions: dict[str, None] = {}
+    while len(captions) < count:
+        caption = random_scene(gen, empty_caption=0.0).caption
+        captions.setdefault(caption, None)
+    return list(captions)

@@ -8,7 +8,6 @@ The weights live in ``clear_adapters/toy/weights/`` (package data, fp16 safetens
 * ``variant/``: a fine-tuned variant pipeline (learned the colour word ``cyan``);
 * ``lora/``: a LoRA in diffusers format (``pipe.load_lora_weights``), trigger word ``snowy``;
 * ``controlnet/``: a ``FluxControlNetModel`` following Canny edges of the shapes;
-* ``ip_adapter/``: an IP-Adapter (image prompt: the reference's colour) and its image encoder;
 * ``clear-r4/``, ``clear-r2/``: CLEAR adapters distilled with ``clear-adapters distill``.
 
 The toy was trained at :data:`HEIGHT` x :data:`WIDTH` px with :data:`MAX_SEQUENCE_LENGTH` T5 tokens:
@@ -26,7 +25,7 @@ STEPS = 8
 PIXELS_PER_TOKEN = 2
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-PLUGINS = ("pipeline", "variant", "lora", "controlnet", "ip_adapter", "clear-r4", "clear-r2")
+PLUGINS = ("pipeline", "variant", "lora", "controlnet", "clear-r4", "clear-r2")
 
 
 def weights_path(name: str = "pipeline") -> Path:
@@ -99,24 +98,3 @@ def lora_path() -> Path:
 def clear_adapter_path(window_size: int = 4) -> Path:
     """Directory of the distilled CLEAR adapter for window ``window_size`` (4 or 2)."""
     return weights_path(f"clear-r{window_size}")
-
-
-IP_WEIGHT_NAME = "ip_adapter.safetensors"
-
-
-def load_toy_ip_adapter(pipe, scale: float = 1.0):
-    """Load the toy's IP-Adapter into ``pipe`` (its image encoder and processor registered first, offline)."""
-    from transformers import CLIPVisionModelWithProjection
-
-    try:  # transformers 5 without torchvision: the PIL processor
-        from transformers import CLIPImageProcessorPil as Processor
-    except ImportError:  # pragma: no cover - older transformers
-        from transformers import CLIPImageProcessor as Processor
-    directory = weights_path("ip_adapter")
-    encoder = CLIPVisionModelWithProjection.from_pretrained(str(directory / "image_encoder"), local_files_only=True,
-                                                            torch_dtype=pipe.transformer.dtype).eval()
-    processor = Processor.from_pretrained(str(directory / "feature_extractor"), local_files_only=True)
-    pipe.register_modules(image_encoder=encoder.to(pipe.transformer.device), feature_extractor=processor)
-    pipe.load_ip_adapter(str(directory), weight_name=IP_WEIGHT_NAME, local_files_only=True)
-    pipe.set_ip_adapter_scale(scale)
-    return pipe
