@@ -58,7 +58,9 @@ REAL_THRESHOLDS = {"min_psnr": 14.0, "min_ssim": 0.45}
 #: distilled adapter must do there: PSNR vs full attention, a gain over the zero-shot pattern (same
 #: window, no weights), the detector's task score kept, the plugin's effect kept, and plugin cases
 #: close to the plugin-free run. Cases may tighten these (``CaseSetup.thresholds``).
-TOY_THRESHOLDS = {"min_psnr": 14.0, "min_ssim": 0.5, "min_gain_over_zero_shot_db": 4.0, "max_task_drop": 0.10,
+#: ``max_task_drop`` 0.125: the toy's cases run 8 prompts each, so this allows one prompt of 8 (the 10-point
+#: bound on 32 prompts is tests/test_toy.py's).
+TOY_THRESHOLDS = {"min_psnr": 14.0, "min_ssim": 0.5, "min_gain_over_zero_shot_db": 4.0, "max_task_drop": 0.125,
                   "min_effect_ratio": 0.9, "max_psnr_drop_vs_plugin_free_db": 3.0,
                   "max_delta_deficit_vs_replace_db": 0.5}
 TINY_WINDOW = 4
@@ -521,15 +523,16 @@ def run_case(case: Case, ctx: MatrixContext, adapter: str, window_size: float | 
         checks["plugin_changes_output_with_clear"] = plugin_effect_clear > DIFFERS_TOLERANCE
     checks["psnr"] = value_psnr >= thresholds["min_psnr"]
     checks["ssim"] = value_ssim >= thresholds["min_ssim"]
-    if "min_gain_over_zero_shot_db" in thresholds:
+    # a threshold set to None by a case is not checked there (its number is still reported)
+    if thresholds.get("min_gain_over_zero_shot_db") is not None:
         checks["gain_over_zero_shot"] = value_psnr - zero_psnr >= thresholds["min_gain_over_zero_shot_db"]
-    if plugin_free_psnr is not None and "max_psnr_drop_vs_plugin_free_db" in thresholds:
+    if plugin_free_psnr is not None and thresholds.get("max_psnr_drop_vs_plugin_free_db") is not None:
         checks["psnr_near_plugin_free"] = \
             plugin_free_psnr - value_psnr <= thresholds["max_psnr_drop_vs_plugin_free_db"]
     if task is not None:
-        if "max_task_drop" in thresholds:
+        if thresholds.get("max_task_drop") is not None:
             checks["task_kept"] = task["full"] - task["clear"] <= thresholds["max_task_drop"] + 1e-9
-        if task.get("effect_ratio") is not None and "min_effect_ratio" in thresholds:
+        if task.get("effect_ratio") is not None and thresholds.get("min_effect_ratio") is not None:
             checks["plugin_effect_kept"] = task["effect_ratio"] >= thresholds["min_effect_ratio"]
     for key, value in extra.items():
         if isinstance(value, bool):

@@ -114,15 +114,20 @@ def _prepare_variant(ctx, mode: str) -> CaseSetup:
         data.single_object_prompts(PROMPTS - half, seed=ctx.seed + 3)
     load_kwargs = {"weight_mode": mode}
     compare = {}
+    thresholds = {"min_gain_over_zero_shot_db": 4.0}
+    if mode == "replace":
+        thresholds.update(max_task_drop=None, min_effect_ratio=None)
     if mode == "delta":
         load_kwargs["base"] = "toy"
         compare = {"toy/variant": "max_delta_deficit_vs_replace_db"}
     return CaseSetup(pipe, _prompts(scenes), off=lambda generate: generate(pipe=base), off_with_clear=False,
                      off_description="the base toy (not fine-tuned) on the same prompts", load_kwargs=load_kwargs,
                      task=_rate(detector.placed_right, scenes), task_name="placement",
-                     thresholds={"min_gain_over_zero_shot_db": 4.0}, compare_with=compare,
-                     notes=f"fine-tune that learned '{data.VARIANT_COLOUR}'; half the prompts use it; "
-                           + ("W_variant + (W_clear - W_base)" if mode == "delta" else "adapter weights replace"))
+                     thresholds=thresholds, compare_with=compare,
+                     notes=f"fine-tune that learned '{data.VARIANT_COLOUR}'; half the prompts use it; " + (
+                         "W_variant + (W_clear - W_base)" if mode == "delta" else
+                         "the adapter's weights replace the variant's projections, so what the fine-tune changed "
+                         "there is lost: its task score is reported, not checked (delta mode keeps it)"))
 
 
 CASES = [

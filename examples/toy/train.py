@@ -8,6 +8,7 @@ Stages, in order (each reads what the earlier ones wrote under ``--out``):
 
 ``text``         word-level CLIP and T5 tokenizers; tiny CLIP and T5 encoders, random and frozen
 ``vae``          a one-level AutoencoderKL (no downsampling: 32 px -> 32 x 32 x 4 latents), trained to reconstruct
+``decoder``      the VAE decoder fine-tuned on every palette colour, ``cyan`` included (encoder frozen)
 ``transformer``  the FluxTransformer2DModel (~2.3 M parameters), flow matching on captioned scenes
 ``variant``      a fine-tune of the transformer that learns a new colour word (``cyan``)
 ``lora``         a rank-8 LoRA (attention and feed-forward layers): trigger word ``snowy`` = light background
@@ -39,7 +40,7 @@ import torch.nn.functional as F
 from clear_adapters.toy import data
 from clear_adapters.toy.pipeline import HEIGHT, MAX_SEQUENCE_LENGTH, STEPS, WEIGHTS_DIR
 
-STAGES = ("text", "vae", "transformer", "variant", "lora", "controlnet", "clear_r4", "clear_r2")
+STAGES = ("text", "vae", "decoder", "transformer", "variant", "lora", "controlnet", "clear_r4", "clear_r2")
 #: Stages that only read the base pipeline: independent of each other (``--jobs`` runs them in parallel).
 INDEPENDENT = ("controlnet", "clear_r4", "clear_r2", "variant", "lora")
 SEED = 20241216  # CLEAR's arXiv date; every stage offsets it
@@ -269,6 +270,50 @@ def stage_vae(out: Path, quick: bool) -> None:
         stage.metrics.update(reconstruction_psnr_db=round(psnr, 2), shift_factor=shift, scaling_factor=scale)
 
 
+def stage_decoder(out: Path, quick: bool) -> None:
+    """The decoder learns the variant's colour too; the encoder -- the latent space every later stage
+    trains in -- stays as the ``vae`` stage left it. (A VAE trained on the six base colours decodes cyan
+    as a dull green-blue, which no fine-tune of the transformer can fix: FLUX variants share the VAE.)"""
+    with Stage(out, "decoder") as stage:
+        seed = SEED + 12
+        vae = load_vae(out)
+        vae.requires_grad_(False)
+        vae.decoder.requires_grad_(True)
+        vae.decoder.train()
+        params = [p for p in vae.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+        steps, batch = (3, 8) if quick else (DECODER_STEPS, 16)
+        colours = tuple(data.VARIANT_COLOURS)
+        for step in range(steps):
+            gen = step_generator(seed, step)
+            scenes = [data.random_scene(gen, colours=colours) for _ in range(batch)]
+            if step % 2:
+                scenes = [data.with_trigger(s) for s in scenes]
+            images = data.render_batch(scenes) * 2 - 1
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, steps, 1e-3, 20)
+            with torch.no_grad():
+                latents = vae.encode(images).latent_dist.sample(generator=gen)
+            recon = vae.decode(latents).sample
+            loss = F.mse_loss(recon, images) + F.l1_loss(recon, images)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if step % 25 == 0 or step == steps - 1:
+                log(f"decoder step {step}/{steps} loss {loss.item():.4f}")
+        vae.eval()
+        with torch.no_grad():
+            metrics = {}
+            for name, palette in (("reconstruction_psnr_db", tuple(data.COLOURS)),
+                                  ("reconstruction_psnr_db_with_cyan", colours)):
+                gen = torch.Generator().manual_seed(SEED + 11)
+                images = data.render_batch([data.random_scene(gen, colours=palette) for _ in range(256)])
+                recon = (vae.decode(vae.encode(images * 2 - 1).latent_dist.mode()).sample / 2 + 0.5).clamp(0, 1)
+                metrics[name] = round(float(10 * torch.log10(1 / F.mse_loss(recon, images))), 2)
+        save_fp16(vae, pipeline_dir(out) / "vae")
+        stage.metrics.update(steps=steps, batch=batch, **metrics)
+
+
 # ------------------------------------------------------------------------------------------------ transformer
 def transformer_config() -> dict:
     # 4 heads x 32 = 128 channels, 2 double + 4 single blocks: ~2.3 M parameters. No guidance embedding
@@ -493,7 +538,7 @@ def stage_variant(out: Path, quick: bool) -> None:
             stage.metrics["placement_score_full_attention"] = placement_score(pipe)
 
 
-LORA_RANK = 8
+LORA_RANK = 16
 # Attention and feed-forward of every block: with attention alone (rank 8, 250 steps) the light background
 # came but the shapes were washed out of it (loss still 5x the base model's).
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_mlp", "proj_out"]
@@ -524,7 +569,7 @@ def stage_lora(out: Path, quick: bool) -> None:
             return flow.batch(scenes, gen)
 
         params = [p for p in model.parameters() if p.requires_grad]
-        stage.metrics["final_loss"] = train_loop("lora", model, params, make_batch, steps, 1e-3, out, warmup=20,
+        stage.metrics["final_loss"] = train_loop("lora", model, params, make_batch, steps, 2e-3, out, warmup=20,
                                                  ema_decay=None)
         state = {k: v.detach().to(torch.float16).contiguous() for k, v in get_peft_model_state_dict(model).items()}
         FluxPipeline.save_lora_weights(str(out / "lora"), transformer_lora_layers=state)
@@ -644,8 +689,10 @@ def stage_clear(out: Path, quick: bool, window: int) -> None:
     with Stage(out, f"clear_r{window}") as stage:
         prompts = out / "_work" / "distill_prompts.txt"
         prompts.parent.mkdir(parents=True, exist_ok=True)
-        if not prompts.is_file():
-            prompts.write_text("\n".join(distill_prompts()) + "\n")
+        # always written (a stale list must not be reused); atomically, as clear_r4 and clear_r2 may run at once
+        scratch = prompts.with_name(f"{prompts.name}.{os.getpid()}")
+        scratch.write_text("\n".join(distill_prompts()) + "\n")
+        os.replace(scratch, prompts)
         argv = distill_argv(out, window, quick)
         log("clear-adapters " + " ".join(argv))
         if cli(argv) != 0:
@@ -673,8 +720,9 @@ def stage_clear_r2(out: Path, quick: bool) -> None:
 
 
 VAE_STEPS = 800
+DECODER_STEPS = 300
 VARIANT_STEPS = 400
-LORA_STEPS = 400
+LORA_STEPS = 500
 CONTROLNET_STEPS = 300
 
 
