@@ -705,10 +705,13 @@ def stage_clear(out: Path, quick: bool, window: int) -> None:
         report.pop("loss_history", None)  # the shipped report keeps the numbers, not every step
         (target / "report.json").write_text(json.dumps(report, indent=1) + "\n")
         to_fp16_adapter(target)
+        # the card was written for a directory on this machine: it names the registry entry instead
+        card = target / "README.md"
+        card.write_text(card.read_text().replace(str(target), f"toy/r{window}"))
         check_adapter_dir(target)  # the shipped directory is a valid adapter (config, sha256, tensors)
         stage.metrics.update(window=window, steps=report["steps"], error_before=report["error_before"],
                              error_after=report["error_after"], error_reduction=report["error_reduction"],
-                             command="clear-adapters " + " ".join(argv))
+                             command="clear-adapters " + " ".join(argv).replace(str(out), "<out>"))
 
 
 def stage_clear_r4(out: Path, quick: bool) -> None:
