@@ -172,13 +172,24 @@ def _resolve(source, window_size, down_factor, weight_name, subfolder, revision,
         entry = lookup(source_str)
         if weight_name or subfolder:
             raise ClearAdapterError(f"{source_str!r} is a registry name and already names its file "
-                                    f"({entry.repo_id}/{entry.filename}); to load another file pass the repo id: "
-                                    f"load({entry.repo_id!r}, pipe, weight_name=...)")
-        config = _make_config(entry.window_size, entry.down_factor, window_size, down_factor, bool(proportional),
-                              backend, source_str)
-        spec = AdapterSpec(source_str, config, repo_id=entry.repo_id, filename=entry.filename,
-                           revision=revision or entry.revision, sha256=entry.sha256, base_model=entry.base_model,
-                           registry_entry=entry)
+                                    f"({entry.source}); to load another file pass the repo id or path with "
+                                    "weight_name=...")
+        if entry.path:  # shipped inside the package (the toy's adapters): a local source with a name
+            local = entry.local_path()
+            if not local.exists():
+                raise AdapterNotFoundError(f"{source_str}: the packaged adapter {local} is missing; reinstall "
+                                           "clear-adapters (or rebuild the toy: python examples/toy/train.py)")
+            spec = _resolve_local(local, None, None, window_size, down_factor, proportional, backend,
+                                  require_pattern)
+            spec.source, spec.registry_entry = source_str, entry
+            spec.base_model = entry.base_model
+            spec.sha256 = spec.sha256 or entry.sha256
+        else:
+            config = _make_config(entry.window_size, entry.down_factor, window_size, down_factor, bool(proportional),
+                                  backend, source_str)
+            spec = AdapterSpec(source_str, config, repo_id=entry.repo_id, filename=entry.filename,
+                               revision=revision or entry.revision, sha256=entry.sha256, base_model=entry.base_model,
+                               registry_entry=entry)
     elif validate.path_exists(path):
         spec = _resolve_local(path, weight_name, subfolder, *pattern)
     elif path.suffix.lower() in weights.PICKLE_SUFFIXES:

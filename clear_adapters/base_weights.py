@@ -2,6 +2,7 @@
 
 A base can be
 
+* a built-in pipeline name (``"toy"``, ``"tiny"``: :mod:`clear_adapters.pipelines`): its transformer;
 * a state dict, keyed as the transformer names its tensors or with one wrapper prefix (``tr.``), which
   is found and removed;
 * an ``nn.Module``: a FLUX transformer or a user's wrapper around one (its state dict, as above);
@@ -56,6 +57,10 @@ def load_base_tensors(base, keys: list[str], *, subfolder: str = "transformer", 
     if not isinstance(base, (str, Path)):
         raise ClearAdapterError(f"base must be a state dict, an nn.Module, a .safetensors file, a model directory "
                                 f"or a Hub model id, got {type(base).__name__}")
+    from .pipelines import is_builtin, load_pipeline
+
+    if isinstance(base, str) and is_builtin(base):  # "toy", "tiny": small pipelines shipped or built locally
+        return load_base_tensors(load_pipeline(base).transformer, keys)
     path = Path(str(base)).expanduser()
     if path.is_file():
         return _read_local(keys, None, path.parent, path.name, str(path))

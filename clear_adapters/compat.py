@@ -54,8 +54,18 @@ LOW_PRECISION_EXACT_TOLERANCE = 5e-2
 #: adapter, so its numbers only guard against regressions; real models are held to published-like quality.
 TINY_THRESHOLDS = {"min_psnr": 30.0, "min_ssim": 0.95}
 REAL_THRESHOLDS = {"min_psnr": 14.0, "min_ssim": 0.45}
+#: The trained toy (clear_adapters.toy) separates a good adapter from a bad one, so it is held to what a
+#: distilled adapter must do there: PSNR vs full attention, a gain over the zero-shot pattern (same
+#: window, no weights), the detector's task score kept, the plugin's effect kept, and plugin cases
+#: close to the plugin-free run. Cases may tighten these (``CaseSetup.thresholds``).
+#: ``max_task_drop`` 0.125: the toy's cases run 8 prompts each, so this allows one prompt of 8 (the 10-point
+#: bound on 32 prompts is tests/test_toy.py's).
+TOY_THRESHOLDS = {"min_psnr": 14.0, "min_ssim": 0.5, "min_gain_over_zero_shot_db": 4.0, "max_task_drop": 0.125,
+                  "min_effect_ratio": 0.9, "max_psnr_drop_vs_plugin_free_db": 3.0,
+                  "max_delta_deficit_vs_replace_db": 0.5}
 TINY_WINDOW = 4
 TINY_PROMPT = "a photo of a red house by the sea"
+TOY_PROMPT = "a red circle in the top left"
 REAL_PROMPT = "a photo of a red house on a hill by the sea, a tree on the right, sunny day"
 
 
@@ -101,6 +111,13 @@ class CaseSetup:
             on); booleans count towards pass/fail, numbers are reported.
         teardown: undo what ``prepare`` did to shared pipelines (real models are loaded once).
         notes: anything the report should say about this case.
+        task: ``task(images) -> float`` in [0, 1], a detector's score of the outputs (prompt following,
+            ControlNet adherence, the LoRA's attribute); scored on the full-attention, CLEAR, zero-shot
+            and plugin-off outputs. The call may hold several prompts: images are then (N, 3, H, W).
+        task_name: what ``task`` measures, for the report.
+        thresholds: this case's own pass thresholds (override the matrix's, written into the report).
+        compare_with: ``{other case: threshold key}``: this case's PSNR may be at most that many dB below
+            the other case's (e.g. the delta weight mode vs replace), checked after all cases ran.
     """
 
     pipe: Any
@@ -113,6 +130,10 @@ class CaseSetup:
     extra_checks: Callable | None = None
     teardown: Callable | None = None
     notes: str = ""
+    task: Callable | None = None
+    task_name: str = ""
+    thresholds: dict = field(default_factory=dict)
+    compare_with: dict = field(default_factory=dict)
 
 
 _EXTRA_CASES: list[Case] = []
@@ -150,10 +171,18 @@ def discover_cases() -> list[Case]:
     return cases
 
 
+TOY_CASE_PREFIX = "toy/"
+
+
+def default_patterns(pipeline: str) -> list[str] | None:
+    """The cases run when none are named: the toy's own cases on the toy, every other case elsewhere."""
+    return [TOY_CASE_PREFIX + "*"] if pipeline == "toy" else None
+
+
 def select_cases(cases: list[Case], patterns: Iterable[str] | None) -> list[Case]:
-    """Cases whose name or plugin matches any of ``patterns`` (shell globs; ``None`` = all)."""
+    """Cases whose name or plugin matches any of ``patterns`` (shell globs; ``None`` = all but the toy's)."""
     if not patterns:
-        return list(cases)
+        return [c for c in cases if not c.name.startswith(TOY_CASE_PREFIX)]
     patterns = [p.strip() for p in patterns if p.strip()]
     chosen = [c for c in cases if any(fnmatch.fnmatchcase(c.name, p) or fnmatch.fnmatchcase(c.plugin, p)
                                       or c.name.startswith(p.rstrip("/") + "/") for p in patterns)]
@@ -190,6 +219,16 @@ class MatrixContext:
     def tiny(self) -> bool:
         return self.pipeline == "tiny"
 
+    @property
+    def toy(self) -> bool:
+        return self.pipeline == "toy"
+
+    @property
+    def mechanics(self) -> bool:
+        """Run the exactness and unload checks (2 more generations per case). The toy skips them: they
+        test code paths, which the tiny pipeline covers; the toy is there for the fidelity numbers."""
+        return not self.toy
+
     def resource(self, name: str, hint: str, count: int = 1) -> list[str]:
         """``count`` values of resource ``name`` (the last one repeated if fewer were given), or skip."""
         values = list(self.resources.get(name) or [])
@@ -214,7 +253,12 @@ class MatrixContext:
         With ``share_components`` a variant reuses the loaded base pipeline's text encoders, tokenizers
         and VAE (FLUX variants ship the same ones): only its transformer is loaded (~24 GB instead of ~34).
         """
+        from .pipelines import is_builtin
+        from .pipelines import load_pipeline as load_builtin
+
         key = (source, getattr(pipeline_class, "__name__", None))
+        if key not in self._loaded and pipeline_class is None and is_builtin(source):  # "toy": shipped, offline
+            self._loaded[key] = load_builtin(source, device=self.device, dtype=self.dtype)
         if key not in self._loaded:
             if pipeline_class is None:
                 from diffusers import DiffusionPipeline as pipeline_class
@@ -266,7 +310,8 @@ class CaseRunner:
     last_seconds: float = 0.0
 
     def generate(self, pipe=None, **overrides) -> torch.Tensor:
-        """The case's call (plus ``overrides``) on ``pipe`` (default: the case's), as a (3, H, W) CPU tensor."""
+        """The case's call (plus ``overrides``) on ``pipe`` (default: the case's), as a (3, H, W) CPU tensor
+        ((N, 3, H, W) when the call holds N prompts)."""
         pipe = pipe if pipe is not None else self.setup.pipe
         if self.ctx.tiny and self.ctx.device != "cpu":
             pipe.to(self.ctx.device)  # tiny pipelines are built on the CPU; plugins may have added modules since
@@ -279,11 +324,12 @@ class CaseRunner:
         kwargs = {k: v for k, v in kwargs.items() if v is not _DROP}
         kwargs["generator"] = torch.Generator(device="cpu").manual_seed(self.ctx.seed)
         start = time.perf_counter()
-        image = pipe(**kwargs).images[0]
+        images = pipe(**kwargs).images
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.last_seconds = time.perf_counter() - start
-        return image.detach().float().cpu()
+        # One prompt: (3, H, W). Several (the call holds a list of prompts): (N, 3, H, W).
+        return (images[0] if len(images) == 1 else images).detach().float().cpu()
 
     def load_clear(self):
         """Install the adapter the way the case wants (order), with the case's load options."""
@@ -377,12 +423,26 @@ def _flop_fraction(probe: _GeometryProbe, handle) -> float | None:
     return geometry.attention_flops(head_dim, heads, handle.config) / full
 
 
+def _per_image(metric, a: torch.Tensor, b: torch.Tensor) -> float:
+    """``metric`` of two images, or its mean over a batch of (N, 3, H, W) images."""
+    if a.ndim == 4:
+        values = [metric(x, y) for x, y in zip(a, b)]
+        return sum(values) / len(values)
+    return metric(a, b)
+
+
+def _first(image: torch.Tensor) -> torch.Tensor:
+    return image[0] if image.ndim == 4 else image
+
+
 def run_case(case: Case, ctx: MatrixContext, adapter: str, window_size: float | None, thresholds: dict,
              small_window: float) -> tuple[dict, dict | None]:
     """Run one case; returns (its report entry, its images or None).
 
-    Images: ``{"full", "clear", "difference"}`` tensors and ``"inputs"``, the plugin's own inputs
-    as ``[(label, image)]`` (see :func:`plugin_inputs`).
+    Images: ``{"full", "clear", "zero_shot", "difference"}`` tensors (the first prompt's when the call
+    holds several) and ``"inputs"``, the plugin's own inputs as ``[(label, image)]`` (see
+    :func:`plugin_inputs`). ``small_window`` is the adapter's window: the bare pattern there (no
+    weights changed) is the zero-shot run.
     """
     from . import api
     from .imaging import difference, psnr, ssim
@@ -399,8 +459,10 @@ def run_case(case: Case, ctx: MatrixContext, adapter: str, window_size: float | 
         entry.update(status="error", error=f"{type(exc).__name__}: {exc}", passed=False,
                      seconds=time.perf_counter() - start)
         return entry, None
+    thresholds = {**thresholds, **setup.thresholds}
     runner = CaseRunner(ctx, setup, adapter, window_size)
     checks: dict[str, bool] = {}
+    exact = restored = None
     try:
         pipe = setup.pipe
         # Full attention. The "off" run goes first: it warms up the pipeline for the timed "on" run.
@@ -408,12 +470,14 @@ def run_case(case: Case, ctx: MatrixContext, adapter: str, window_size: float | 
         full = runner.generate()
         full_seconds = runner.last_seconds
         plugin_effect = max_difference(full, off) if off is not None else None
-        # The bare pattern: a window covering every token is full attention; a small one is not.
-        runner.attach(FULL_WINDOW)
-        exact = max_difference(runner.generate(), full)
-        runner.unload()
+        if ctx.mechanics:  # the bare pattern with a window covering every token is full attention
+            runner.attach(FULL_WINDOW)
+            exact = max_difference(runner.generate(), full)
+            runner.unload()
+        # The bare pattern at the adapter's window, no weights changed: the zero-shot baseline.
         runner.attach(small_window)
-        small = max_difference(runner.generate(), full)
+        zero_shot = runner.generate()
+        small = max_difference(zero_shot, full)
         runner.unload()
         # The adapter.
         handle = runner.load_clear()
@@ -430,9 +494,11 @@ def run_case(case: Case, ctx: MatrixContext, adapter: str, window_size: float | 
         entry["targets"] = list(handle.targets)
         entry["flop_fraction"] = _flop_fraction(probe, handle)
         runner.unload()
-        restored = max_difference(runner.generate(), full)
-        runner.images.update(full=full, clear=clear, off=off, off_clear=off_clear)
+        if ctx.mechanics:
+            restored = max_difference(runner.generate(), full)
+        runner.images.update(full=full, clear=clear, off=off, off_clear=off_clear, zero_shot=zero_shot)
         extra = setup.extra_checks(runner) if setup.extra_checks is not None else {}
+        task = _task_scores(setup, runner.images) if setup.task is not None else None
     except Exception as exc:  # one broken case must not stop the matrix: it is reported as failed
         logger.exception("case %s failed", case.name)
         entry.update(status="error", error=f"{type(exc).__name__}: {exc}", passed=False,
@@ -440,39 +506,105 @@ def run_case(case: Case, ctx: MatrixContext, adapter: str, window_size: float | 
         _cleanup(setup)
         return entry, None
     _cleanup(setup)
-    value_psnr, value_ssim = psnr(clear, full), ssim(clear, full)
+    value_psnr, value_ssim = _per_image(psnr, clear, full), _per_image(ssim, clear, full)
+    zero_psnr, zero_ssim = _per_image(psnr, zero_shot, full), _per_image(ssim, zero_shot, full)
+    # CLEAR vs full with the plugin off (same prompts and seeds): what the plugin itself costs CLEAR.
+    plugin_free_psnr = _per_image(psnr, off_clear, off) if (off is not None and off_clear is not None) else None
     tolerance = thresholds["exact_tolerance"]
-    checks["exact_at_full_window"] = exact <= tolerance
+    if exact is not None:
+        checks["exact_at_full_window"] = exact <= tolerance
     checks["differs_at_small_window"] = small > DIFFERS_TOLERANCE
     checks["clear_active"] = clear_calls > 0
-    checks["restored_after_unload"] = restored <= tolerance
+    if restored is not None:
+        checks["restored_after_unload"] = restored <= tolerance
     if plugin_effect is not None:
         checks["plugin_changes_output"] = plugin_effect > DIFFERS_TOLERANCE
     if plugin_effect_clear is not None:
         checks["plugin_changes_output_with_clear"] = plugin_effect_clear > DIFFERS_TOLERANCE
     checks["psnr"] = value_psnr >= thresholds["min_psnr"]
     checks["ssim"] = value_ssim >= thresholds["min_ssim"]
+    # a threshold set to None by a case is not checked there (its number is still reported)
+    if thresholds.get("min_gain_over_zero_shot_db") is not None:
+        checks["gain_over_zero_shot"] = value_psnr - zero_psnr >= thresholds["min_gain_over_zero_shot_db"]
+    if plugin_free_psnr is not None and thresholds.get("max_psnr_drop_vs_plugin_free_db") is not None:
+        checks["psnr_near_plugin_free"] = \
+            plugin_free_psnr - value_psnr <= thresholds["max_psnr_drop_vs_plugin_free_db"]
+    if task is not None:
+        if thresholds.get("max_task_drop") is not None:
+            checks["task_kept"] = task["full"] - task["clear"] <= thresholds["max_task_drop"] + 1e-9
+        if task.get("effect_ratio") is not None and thresholds.get("min_effect_ratio") is not None:
+            checks["plugin_effect_kept"] = task["effect_ratio"] >= thresholds["min_effect_ratio"]
     for key, value in extra.items():
         if isinstance(value, bool):
             checks[key] = value
     entry.update(
-        status="ok", psnr=_finite(value_psnr), ssim=value_ssim, exact_at_full_window=checks["exact_at_full_window"],
+        status="ok", psnr=_finite(value_psnr), ssim=value_ssim, zero_shot_psnr=_finite(zero_psnr),
+        zero_shot_ssim=zero_ssim, gain_over_zero_shot_db=_finite(value_psnr - zero_psnr),
+        plugin_free_psnr=None if plugin_free_psnr is None else _finite(plugin_free_psnr),
+        prompts=int(full.shape[0]) if full.ndim == 4 else 1,
+        exact_at_full_window=checks.get("exact_at_full_window"),
         exact_max_difference=exact, small_window=small_window, small_window_max_difference=small,
         plugin_changes_output=checks.get("plugin_changes_output"), plugin_max_difference=plugin_effect,
         plugin_changes_output_with_clear=checks.get("plugin_changes_output_with_clear"),
         plugin_max_difference_with_clear=plugin_effect_clear, off=setup.off_description or None,
         clear_kernel_calls=clear_calls, restored_max_difference=restored,
         time_full_s=full_seconds, time_clear_s=clear_seconds, speedup=full_seconds / max(clear_seconds, 1e-9),
+        task_name=setup.task_name or None, task=task, compare_with=dict(setup.compare_with) or None,
+        thresholds=dict(setup.thresholds) or None,
         extra={k: v for k, v in extra.items()}, checks=checks, notes=setup.notes or None,
         seconds=time.perf_counter() - start)
     entry["failed_checks"] = [k for k, ok in checks.items() if not ok]
     entry["passed"] = not entry["failed_checks"]
     # Small differences are scaled up so the panel shows where they are; the gain is in the report.
+    full, clear, zero_shot = _first(full), _first(clear), _first(zero_shot)
     largest = max(float((clear - full).abs().max()), 1e-12)
     gain = float(min(MAX_DIFFERENCE_GAIN, max(MIN_DIFFERENCE_GAIN, 1.0 / largest)))
     entry["difference_gain"] = gain
-    return entry, {"full": full, "clear": clear, "difference": difference(clear, full, gain=gain),
-                   "inputs": plugin_inputs(case, setup.call)}
+    images = {"full": full, "clear": clear, "difference": difference(clear, full, gain=gain),
+              "inputs": plugin_inputs(case, setup.call)}
+    if setup.task is not None:  # trained models: the zero-shot image is worth a look (on random ones it is noise)
+        images["zero_shot"] = zero_shot
+    return entry, images
+
+
+def _task_scores(setup: CaseSetup, images: dict) -> dict:
+    """The case's task score on every run, and the plugin's effect (on - off) with full attention and CLEAR."""
+    scores = {name: float(setup.task(images[name])) for name in ("full", "clear", "zero_shot", "off", "off_clear")
+              if images.get(name) is not None}
+    if "off" in scores:
+        scores["effect_full"] = scores["full"] - scores["off"]
+        scores["effect_clear"] = scores["clear"] - scores.get("off_clear", scores["off"])
+        scores["effect_ratio"] = (scores["effect_clear"] / scores["effect_full"]) if scores["effect_full"] > 0 \
+            else None
+    return scores
+
+
+def _compare_cases(entries: list[dict], thresholds: dict) -> list[dict]:
+    """Cross-case checks (``CaseSetup.compare_with``): a case's PSNR at most N dB below another case's.
+
+    Returns the entries that failed one."""
+    by_name = {e["name"]: e for e in entries}
+    failed = []
+    for e in entries:
+        if e.get("status") != "ok":
+            continue
+        for other, key in (e.get("compare_with") or {}).items():
+            ref = by_name.get(other)
+            limit = {**thresholds, **(e.get("thresholds") or {})}.get(key)
+            if ref is None or ref.get("status") != "ok" or limit is None:
+                e["extra"][f"psnr_vs_{other}"] = "not run"
+                continue
+            below = (math.inf if ref["psnr"] is None else ref["psnr"]) - \
+                (math.inf if e["psnr"] is None else e["psnr"])
+            below = 0.0 if math.isnan(below) else below
+            e.setdefault("psnr_below", {})[other] = below
+            name = f"psnr_within_{limit:g}db_of_{other}"
+            e["checks"][name] = below <= limit
+            if below > limit:
+                e["failed_checks"].append(name)
+                e["passed"] = False
+                failed.append(e)
+    return failed
 
 
 def _finite(value: float) -> float | None:
@@ -506,12 +638,16 @@ def run_matrix(pipeline: str = "tiny", adapter: str | None = None, *, out: str |
     """Run the compatibility matrix and write ``matrix.json``, ``matrix.md`` and ``index.html`` to ``out``.
 
     Args:
-        pipeline: ``"tiny"`` (offline test pipeline) or a diffusers FLUX pipeline (Hub id or directory).
+        pipeline: ``"tiny"`` (offline random-weight test pipeline), ``"toy"`` (the trained miniature FLUX
+            shipped in :mod:`clear_adapters.toy`, with its trained plugins) or a diffusers FLUX pipeline
+            (Hub id or directory).
         adapter: CLEAR adapter (registry name, path, Hub id); tiny default: a reference-format checkpoint
-            written for the tiny pipeline into ``out``; otherwise default ``"flux-dev"``.
-        cases: name/plugin globs to run (default: all).
+            written for the tiny pipeline into ``out``; toy default: ``"toy"`` (distilled, r=4); otherwise
+            ``"flux-dev"``.
+        cases: name/plugin globs to run (default: the ``toy/*`` cases on the toy, every other case elsewhere).
         window_size: override the adapter's window (tiny default: 4 tokens).
-        height, width, steps: generation size (tiny: 64 px, 2 steps; real: 1024 px, 28 steps).
+        height, width, steps: generation size (tiny: 64 px, 2 steps; toy: 32 px, 8 steps; real: 1024 px,
+            28 steps).
         max_sequence_length: T5 tokens (tiny default 32: the tiny T5 has no use for 512 padding tokens).
         resources: plugin weights for real pipelines (see :class:`MatrixContext`).
         thresholds: ``{"min_psnr": dB, "min_ssim": x, "exact_tolerance": max |difference|}``, written into
@@ -523,17 +659,25 @@ def run_matrix(pipeline: str = "tiny", adapter: str | None = None, *, out: str |
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tiny = pipeline == "tiny"
+    tiny, toy = pipeline == "tiny", pipeline == "toy"
+    small = tiny or toy  # built-in CPU-sized pipelines: float32 on the CPU
     if device is None:
-        device = "cuda" if (torch.cuda.is_available() and not tiny) else "cpu"
+        device = "cuda" if (torch.cuda.is_available() and not small) else "cpu"
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     if dtype is None:
-        dtype = torch.bfloat16 if (device.startswith("cuda") and not tiny) else torch.float32
-    ctx = MatrixContext(pipeline=pipeline, height=height or (64 if tiny else 1024),
-                        width=width or (64 if tiny else 1024), steps=steps or (2 if tiny else 28), seed=seed,
-                        prompt=prompt or (TINY_PROMPT if tiny else REAL_PROMPT),
-                        device=device, dtype=dtype, max_sequence_length=max_sequence_length or (32 if tiny else None),
+        dtype = torch.bfloat16 if (device.startswith("cuda") and not small) else torch.float32
+    if toy:
+        from .toy import pipeline as toy_defaults
+
+        size, default_steps, default_tokens = toy_defaults.HEIGHT, toy_defaults.STEPS, toy_defaults.MAX_SEQUENCE_LENGTH
+        default_prompt = TOY_PROMPT
+    else:
+        size, default_steps = (64, 2) if tiny else (1024, 28)
+        default_tokens, default_prompt = (32 if tiny else None), (TINY_PROMPT if tiny else REAL_PROMPT)
+    ctx = MatrixContext(pipeline=pipeline, height=height or size, width=width or size, steps=steps or default_steps,
+                        seed=seed, prompt=prompt or default_prompt, device=device, dtype=dtype,
+                        max_sequence_length=max_sequence_length or default_tokens,
                         resources={k: list(v) for k, v in (resources or {}).items() if v},
                         workdir=out / "work")
     ctx.workdir.mkdir(parents=True, exist_ok=True)
@@ -543,12 +687,13 @@ def run_matrix(pipeline: str = "tiny", adapter: str | None = None, *, out: str |
         window_size = window_size or TINY_WINDOW
         adapter = str(write_reference_checkpoint(ctx.workdir / f"tiny_clear_r{window_size:g}.safetensors",
                                                  tiny_flux_transformer(0), window_size))
-    adapter = adapter or "flux-dev"
+    adapter = adapter or ("toy" if toy else "flux-dev")
     exact = EXACT_TOLERANCE if dtype == torch.float32 else LOW_PRECISION_EXACT_TOLERANCE
-    thresholds = {**(TINY_THRESHOLDS if tiny else REAL_THRESHOLDS), "exact_tolerance": exact, **(thresholds or {})}
+    defaults = TINY_THRESHOLDS if tiny else TOY_THRESHOLDS if toy else REAL_THRESHOLDS
+    thresholds = {**defaults, "exact_tolerance": exact, **(thresholds or {})}
     window = window_size if window_size is not None else _adapter_window(adapter)
     small_window = float(window if window is not None else TINY_WINDOW)
-    selected = select_cases(discover_cases(), cases)
+    selected = select_cases(discover_cases(), cases or default_patterns(pipeline))
     say = printer or (lambda _msg: None)
     say(f"compatibility matrix: pipeline {pipeline}, adapter {adapter} (window {window}), "
         f"{ctx.width}x{ctx.height} px, {ctx.steps} steps, seed {seed}, {len(selected)} cases")
@@ -577,6 +722,8 @@ def run_matrix(pipeline: str = "tiny", adapter: str | None = None, *, out: str |
         bar.close()
     finally:
         torch.set_num_threads(before)
+    for e in _compare_cases(entries, thresholds):
+        say(f"  FAIL {e['name']}: PSNR further below {', '.join(e['psnr_below'])} than allowed")
     report = {
         "pipeline": pipeline, "adapter": adapter, "window_size": window, "height": ctx.height, "width": ctx.width,
         "steps": ctx.steps, "seed": seed, "prompt": ctx.prompt, "max_sequence_length": ctx.max_sequence_length,
@@ -584,6 +731,7 @@ def run_matrix(pipeline: str = "tiny", adapter: str | None = None, *, out: str |
         "thresholds": {**thresholds, "differs_tolerance": DIFFERS_TOLERANCE,
                        "small_window": small_window, "full_window": FULL_WINDOW},
         "hardware": hardware(device), "versions": _versions(), "seconds": None, "cases": entries,
+        "mechanics": ctx.mechanics,
     }
     run_ones = [e for e in entries if e["status"] != "skipped"]
     report["passed"] = all(e["passed"] for e in run_ones)
@@ -618,7 +766,14 @@ def _one_line(entry: dict) -> str:
         return f"  FAIL {entry['name']}: {entry['error']}"
     flag = "ok  " if entry["passed"] else "FAIL"
     failed = f" failed: {', '.join(entry['failed_checks'])}" if entry["failed_checks"] else ""
+    task = entry.get("task")
+    task_text = ""
+    if task:  # full / CLEAR / zero-shot
+        task_text = f"  {entry['task_name'] or 'task'} {task['full']:.2f}/{task['clear']:.2f}/{task['zero_shot']:.2f}"
+        if task.get("effect_ratio") is not None:
+            task_text += f" (effect x{task['effect_ratio']:.2f})"
     return (f"  {flag} {entry['name']:<34} PSNR {_fmt(entry['psnr'], '.2f')} dB  SSIM {entry['ssim']:.3f}  "
+            f"zero-shot {_fmt(entry['zero_shot_psnr'], '.2f')} dB{task_text}  "
             f"FLOPs {_fmt(entry['flop_fraction'], '.1%')}  speedup {entry['speedup']:.2f}x{failed}")
 
 
@@ -664,9 +819,10 @@ def plugin_inputs(case: Case, call: dict) -> list[tuple[str, Any]]:
     from PIL import Image
 
     found = []
+    batch = isinstance(call.get("prompt"), (list, tuple))  # one input per prompt: show the first prompt's
     for key, value in call.items():
         values = value if isinstance(value, (list, tuple)) else [value]
-        images = [v for v in values if isinstance(v, Image.Image)]
+        images = [v for v in values if isinstance(v, Image.Image)][:1 if batch else None]
         label = _image_label(case) if key == "image" else INPUT_LABELS.get(key, key)
         for i, image in enumerate(images):
             found.append((f"{label} {i + 1}" if len(images) > 1 else label, image))
@@ -704,5 +860,5 @@ def known_case_names() -> list[str]:
 
 
 __all__ = ["Case", "CaseSetup", "CaseSkipped", "CaseRunner", "MatrixContext", "register_case", "discover_cases",
-           "select_cases", "run_matrix", "run_case", "plugin_inputs", "hardware", "drop", "max_difference",
+           "select_cases", "default_patterns", "run_matrix", "run_case", "plugin_inputs", "hardware", "drop", "max_difference",
            "known_case_names"]

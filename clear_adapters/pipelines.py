@@ -5,7 +5,8 @@ a ``--pipeline``/``--base`` string and hand it to :func:`load_pipeline`, so ever
 same forms:
 
 * a built-in name from :data:`BUILTIN_PIPELINES` (``"tiny"``: the random-weight mechanics bed of
-  :mod:`clear_adapters.testing`; more are added by the modules that provide them);
+  :mod:`clear_adapters.testing`; ``"toy"``: the trained miniature FLUX shipped in
+  :mod:`clear_adapters.toy`; more are added by the modules that provide them);
 * a local ``save_pretrained`` directory;
 * a Hub model id (``"black-forest-labs/FLUX.1-dev"``), through ``DiffusionPipeline.from_pretrained``.
 
@@ -24,6 +25,7 @@ from pathlib import Path
 #: Built-in pipeline names -> ``"module:function"`` building the pipeline (called with no argument).
 BUILTIN_PIPELINES: dict[str, str] = {
     "tiny": "clear_adapters.testing:tiny_flux_pipeline",
+    "toy": "clear_adapters.toy.pipeline:toy_pipeline",
     # FLUX.1-dev's transformer and VAE with random weights, built in place (bf16, ~24 GB): speed only
     "flux-dev-random": "clear_adapters.random_flux:flux_dev_random_pipeline",
 }

@@ -1,4 +1,9 @@
-"""The registry of named CLEAR adapters, read from the packaged ``data/registry.toml``."""
+"""The registry of named CLEAR adapters, read from the packaged ``data/registry.toml``.
+
+An entry's weights live either on the Hub (``repo_id`` + ``filename``) or inside the installed package
+(``path``, relative to the ``clear_adapters`` package: an adapter directory or file shipped as package
+data, e.g. the toy's distilled adapters).
+"""
 
 from __future__ import annotations
 
@@ -21,10 +26,11 @@ class RegistryEntry:
     """One named adapter: where its weights live and the attention pattern they were trained with."""
 
     name: str
-    repo_id: str
-    filename: str
     base_model: str
     window_size: float
+    repo_id: str | None = None
+    filename: str | None = None
+    path: str | None = None
     down_factor: int = 1
     revision: str | None = None
     sha256: str | None = None
@@ -38,6 +44,19 @@ class RegistryEntry:
     def describe(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if v not in (None, "", {}, False) or k == "zero_shot"}
 
+    @property
+    def source(self) -> str:
+        """Where the weights are, for listings: ``owner/repo/file`` or ``package:path``."""
+        return f"package:{self.path}" if self.path else f"{self.repo_id}/{self.filename}"
+
+    def local_path(self):
+        """The installed file or directory of a package entry (``None`` for Hub entries)."""
+        if not self.path:
+            return None
+        from pathlib import Path
+
+        return Path(str(resources.files("clear_adapters").joinpath(self.path)))
+
 
 @lru_cache(maxsize=1)
 def _load() -> dict[str, RegistryEntry]:
@@ -46,7 +65,10 @@ def _load() -> dict[str, RegistryEntry]:
     data = tomllib.loads(text)
     entries: dict[str, RegistryEntry] = {}
     for name, raw in data.get("adapters", {}).items():
-        entries[name] = RegistryEntry(name=name, **raw)
+        entry = RegistryEntry(name=name, **raw)
+        if bool(entry.path) == bool(entry.repo_id and entry.filename):  # a packaging mistake, caught by the tests
+            raise ValueError(f"registry entry {name!r} needs either path or repo_id + filename")
+        entries[name] = entry
     for name, raw in data.get("aliases", {}).items():
         raw = dict(raw)
         target = entries[raw.pop("target")]

@@ -28,6 +28,10 @@ CHECK_TEXT = {
     "plugin_changes_output_with_clear": "plugin still changes the output under CLEAR",
     "psnr": "PSNR vs full attention {psnr_text}",
     "ssim": "SSIM vs full attention {ssim:.3f}",
+    "gain_over_zero_shot": "{gain_over_zero_shot_db:.2f} dB above the zero-shot pattern (same window, no weights)",
+    "psnr_near_plugin_free": "PSNR within the allowed drop of the plugin-free run ({plugin_free_psnr:.2f} dB)",
+    "task_kept": "{task_name} with CLEAR {task[clear]:.2f} vs full attention {task[full]:.2f}",
+    "plugin_effect_kept": "the plugin's effect on {task_name} kept: x{task[effect_ratio]:.2f} of full attention's",
 }
 
 
@@ -44,7 +48,7 @@ def write_case_images(out: str | Path, case_name: str, images: dict) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     stem = _slug(case_name)
     paths: dict = {"inputs": []}
-    for key in ("full", "clear", "difference"):
+    for key in ("full", "clear", "zero_shot", "difference"):
         if images.get(key) is not None:
             to_pil(images[key]).save(folder / f"{stem}.{key}.png")
             paths[key] = f"{IMAGES_DIR}/{stem}.{key}.png"
@@ -107,13 +111,28 @@ def shown_source(source, out: str | Path | None = None) -> str:
 def rules(report: dict) -> list[str]:
     """The pass conditions of a report, in words."""
     t = report["thresholds"]
-    return [f"a window covering the whole image reproduces full attention (largest pixel difference "
-            f"≤ {t['exact_tolerance']:g})",
-            f"a small window (radius {t.get('small_window', 4):g} tokens) changes the output (> "
-            f"{t.get('differs_tolerance', 1e-4):g})",
-            "the plugin changes the output, with full attention and with CLEAR (on vs off)",
-            f"after unloading CLEAR the pipeline gives its full-attention output again (≤ {t['exact_tolerance']:g})",
-            f"CLEAR vs full attention: PSNR ≥ {t['min_psnr']:g} dB and SSIM ≥ {t['min_ssim']:g}"]
+    mechanics = report.get("mechanics", True)
+    found = [f"a window covering the whole image reproduces full attention (largest pixel difference "
+             f"≤ {t['exact_tolerance']:g})"] if mechanics else []
+    found += [f"a small window (radius {t.get('small_window', 4):g} tokens) changes the output (> "
+              f"{t.get('differs_tolerance', 1e-4):g})",
+              "the plugin changes the output, with full attention and with CLEAR (on vs off)"]
+    if mechanics:
+        found.append(f"after unloading CLEAR the pipeline gives its full-attention output again "
+                     f"(≤ {t['exact_tolerance']:g})")
+    found.append(f"CLEAR vs full attention: PSNR ≥ {t['min_psnr']:g} dB and SSIM ≥ {t['min_ssim']:g} (cases may "
+                 "ask more)")
+    for key, text in (("min_gain_over_zero_shot_db", "PSNR at least {:g} dB above the zero-shot pattern (the same "
+                                                     "window with no weights changed; cases may ask more)"),
+                      ("max_task_drop", "the detector's task score with CLEAR at most {:g} below full attention's"),
+                      ("min_effect_ratio", "the plugin's effect on the task score (on − off) with CLEAR at least "
+                                           "{:g} × its effect with full attention"),
+                      ("max_psnr_drop_vs_plugin_free_db", "PSNR at most {:g} dB below CLEAR vs full attention with "
+                                                          "the plugin off"),
+                      ("max_delta_deficit_vs_replace_db", "weight mode delta at most {:g} dB below replace")):
+        if key in t:
+            found.append(text.format(t[key]))
+    return found
 
 
 def _view(report: dict, out, *, markdown: bool) -> dict:
@@ -150,7 +169,7 @@ def _case_view(e: dict, markdown: bool) -> dict:
     images = e.get("images") or {}
     gain = e.get("difference_gain")
     view["inputs"] = list(images.get("inputs") or [])
-    for key, label in (("full", "full attention"), ("clear", "CLEAR"),
+    for key, label in (("full", "full attention"), ("clear", "CLEAR"), ("zero_shot", "CLEAR zero-shot"),
                        ("difference", f"|CLEAR − full| × {gain:.3g}" if gain else "|CLEAR − full|")):
         if images.get(key):
             view["panels"].append({"label": label, "file": images[key]})
@@ -168,6 +187,20 @@ def _case_view(e: dict, markdown: bool) -> dict:
                        ("attention FLOPs", _pct(e.get("flop_fraction")) + " of full"),
                        ("speedup", f"{speedup:.2f}×" if speedup else "—"),
                        ("time full / CLEAR", f"{e.get('time_full_s', 0):.2f} s / {e.get('time_clear_s', 0):.2f} s")]
+    if e.get("zero_shot_psnr") is not None:
+        view["numbers"].append(("zero-shot PSNR", f"{e['zero_shot_psnr']:.2f} dB"))
+    if e.get("plugin_free_psnr") is not None:
+        view["numbers"].append(("PSNR, plugin off", f"{e['plugin_free_psnr']:.2f} dB"))
+    task = e.get("task")
+    if task:
+        name = e.get("task_name") or "task"
+        view["numbers"].append((f"{name} full / CLEAR / zero-shot",
+                                f"{task['full']:.2f} / {task['clear']:.2f} / {task['zero_shot']:.2f}"))
+        if task.get("effect_ratio") is not None:
+            view["numbers"].append((f"{name}: plugin effect CLEAR / full",
+                                    f"{task['effect_clear']:.2f} / {task['effect_full']:.2f}"))
+    if e.get("prompts", 1) > 1:
+        view["numbers"].append(("prompts", f"{e['prompts']} (images: the first; numbers: means)"))
     for key, value in (e.get("extra") or {}).items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             view["numbers"].append((key.replace("_", " "), f"{value:.4g}"))
@@ -177,7 +210,10 @@ def _case_view(e: dict, markdown: bool) -> dict:
     if e.get("plugin_changes_output_with_clear") is not None:
         effect = e["plugin_changes_output_with_clear"] if effect is None else effect and \
             e["plugin_changes_output_with_clear"]
+    zero = e.get("zero_shot_psnr")
     view["md"] = _md_row(psnr="inf" if psnr is None else f"{psnr:.2f}", ssim=f"{e['ssim']:.3f}",
+                         zero_shot="inf" if zero is None else f"{zero:.2f}",
+                         task=f"{task['full']:.2f} / {task['clear']:.2f} / {task['zero_shot']:.2f}" if task else "-",
                          flops=_pct(e.get("flop_fraction")), speedup=f"{speedup:.2f}" if speedup else "-",
                          effect=_yes_no(effect), exact=_yes_no(e.get("exact_at_full_window")),
                          result="pass" if e.get("passed") else f"**FAIL** ({', '.join(failed)})")
@@ -185,7 +221,8 @@ def _case_view(e: dict, markdown: bool) -> dict:
 
 
 def _md_row(**cells) -> dict:
-    return {"psnr": "", "ssim": "", "flops": "", "speedup": "", "effect": "", "exact": "", "result": "", **cells}
+    return {"psnr": "", "ssim": "", "zero_shot": "", "task": "", "flops": "", "speedup": "", "effect": "", "exact": "",
+            "result": "", **cells}
 
 
 def _md(text) -> str:

@@ -28,11 +28,17 @@ def register(sub) -> None:
     add_source_arguments(p)
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("demo", help="offline demo on a tiny FLUX pipeline: full attention vs CLEAR")
-    p.add_argument("--out", default="clear_demo.png", help="where to write the side-by-side PNG")
+    p = sub.add_parser("demo", help="offline demo: full attention vs CLEAR distilled vs CLEAR zero-shot on the toy",
+                       description="Default: the trained toy FLUX shipped in the package (32 px): a few prompts, "
+                                   "columns full attention | CLEAR distilled (toy/r4) | CLEAR zero-shot | difference. "
+                                   "--pipeline tiny: the random-weight test pipeline at larger sizes (FLOPs, timing).")
+    p.add_argument("--pipeline", default="toy", choices=["toy", "tiny"])
+    p.add_argument("--out", default="clear_demo.png", help="where to write the PNG")
+    p.add_argument("--prompt", action="append", default=None, help="toy prompt (repeatable; default: four examples)")
+    p.add_argument("--adapter", default="toy", help="toy: CLEAR adapter (default toy = toy/r4)")
     p.add_argument("--sizes", type=argtypes.sizes, default="128,256",
-                   help="square image sizes in pixels (tiny pipeline: 4 px/token)")
-    p.add_argument("--steps", type=argtypes.positive_int, default=4)
+                   help="tiny only: square image sizes in pixels (4 px/token)")
+    p.add_argument("--steps", type=argtypes.positive_int, default=None, help="default: toy 8, tiny 4")
     p.add_argument("--seed", type=argtypes.non_negative_int, default=0)
     p.set_defaults(func=cmd_demo)
 
@@ -67,7 +73,7 @@ def cmd_list(args) -> int:
         return 0
     print(f"{'name':<20} {'window':>6} {'down':>4}  {'base model':<34} source")
     for e in entries:
-        source = f"{e.repo_id}/{e.filename}" + (f" (alias of {e.alias_of})" if e.alias_of else "")
+        source = e.source + (f" (alias of {e.alias_of})" if e.alias_of else "")
         flag = " [zero-shot]" if e.zero_shot else ""
         print(f"{e.name:<20} {e.window_size:>6g} {e.down_factor:>4}  {e.base_model:<34} {source}{flag}")
     return 0
@@ -158,14 +164,20 @@ def run_demo(out: str | Path, sizes=(128, 256), steps: int = 4, seed: int = 0, p
 
 
 def cmd_demo(args) -> int:
-    from ..errors import InvalidArgumentError
-    from ..testing import TINY_PIXELS_PER_TOKEN
+    if args.pipeline == "tiny":
+        from ..errors import InvalidArgumentError
+        from ..testing import TINY_PIXELS_PER_TOKEN
 
-    sizes = tuple(int(s) for s in args.sizes.split(","))
-    if any(size % TINY_PIXELS_PER_TOKEN for size in sizes):
-        raise InvalidArgumentError(f"--sizes must be multiples of {TINY_PIXELS_PER_TOKEN} px (the tiny pipeline's "
-                                   f"pixels per token), got {args.sizes}")
-    run_demo(args.out, sizes, args.steps, args.seed)
+        sizes = tuple(int(s) for s in args.sizes.split(","))
+        if any(size % TINY_PIXELS_PER_TOKEN for size in sizes):
+            raise InvalidArgumentError(f"--sizes must be multiples of {TINY_PIXELS_PER_TOKEN} px (the tiny pipeline's "
+                                       f"pixels per token), got {args.sizes}")
+        run_demo(args.out, sizes, args.steps or 4, args.seed)
+        return 0
+    from ..toy.demo import DEMO_PROMPTS, run_toy_demo
+    from ..toy.pipeline import STEPS
+
+    run_toy_demo(args.out, args.prompt or DEMO_PROMPTS, adapter=args.adapter, steps=args.steps or STEPS, seed=args.seed)
     return 0
 
 

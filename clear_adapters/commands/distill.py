@@ -16,10 +16,16 @@ PRESETS = {
     "tiny": dict(resolution=[(64, 64)], steps=40, batch_size=4, lr=3e-3, loss_weights=(0.0, 1.0, 0.5),
                  samples=16, eval_samples=8, generation_steps=4, max_sequence_length=64, checkpoint_every=20,
                  gradient_checkpointing=False),
+    # The trained toy (clear_adapters.toy, 32 px): its own captions, sampled as it was trained (8 steps, 32
+    # T5 tokens). examples/toy/train.py makes the shipped toy/r4 and toy/r2 with exactly these settings.
+    "toy": dict(resolution=[(32, 32)], steps=400, batch_size=16, lr=1e-3, samples=512, eval_samples=16,
+                generation_steps=8, max_sequence_length=32, checkpoint_every=100, gradient_checkpointing=False),
 }
+#: Training prompts per built-in base when --prompts is not given ("module:function" returning a list).
+DEFAULT_PROMPTS = {"toy": "clear_adapters.toy.data:distill_prompts"}
 #: torch CPU threads per built-in base: the tiny model is overhead-bound, and on a busy 2-core machine two
 #: OpenMP threads spin against each other (measured here: 1 thread ~0.4 s/step, 2 threads 1-3 s/step)
-THREADS = {"tiny": 1}
+THREADS = {"tiny": 1, "toy": 1}
 #: Defaults for every other base (FLUX.1-dev scale): CLEAR's loss, 1024 px.
 GENERAL = dict(resolution=[(1024, 1024)], steps=1000, batch_size=1)
 
@@ -32,8 +38,10 @@ def register(sub) -> None:
                                    "the same model with full attention; writes an adapter directory that "
                                    "`clear-adapters push` and clear_adapters.load() accept, plus report.json "
                                    "and loss.png. Defaults for --base tiny: "
-                                   + ", ".join(f"{k}={v}" for k, v in PRESETS["tiny"].items()) + ".")
-    p.add_argument("--base", required=True, help="'tiny', a pipeline directory or a Hub model id")
+                                   + ", ".join(f"{k}={v}" for k, v in PRESETS["tiny"].items()) + ". For --base "
+                                   "toy: " + ", ".join(f"{k}={v}" for k, v in PRESETS["toy"].items())
+                                   + ", prompts: the toy's own captions.")
+    p.add_argument("--base", required=True, help="'tiny', 'toy', a pipeline directory or a Hub model id")
     p.add_argument("--window", type=float, required=True, help="window radius r in latent tokens")
     p.add_argument("--down", type=int, default=1, help="K/V down factor d (default 1: purely local, linear)")
     p.add_argument("--out", required=True, help="output directory (becomes the adapter directory)")
@@ -117,11 +125,16 @@ def cmd_distill(args) -> int:
     # cheap checks first: nothing is loaded before the settings and the prompt file are known to be good
     settings = DistillSettings(args.window, down_factor=args.down, **options)
     prompts = read_prompt_file(args.prompts) if args.prompts else None
+    if prompts is None and args.data is None and args.base in DEFAULT_PROMPTS:
+        import importlib
+
+        module, function = DEFAULT_PROMPTS[args.base].split(":")
+        prompts = getattr(importlib.import_module(module), function)()
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and os.environ.get("LOCAL_RANK"):  # one process per GPU under accelerate launch/torchrun
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else None)
+    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")  # as --help says; fp16 files too
     # an explicit --threads is applied by cli.main around the whole command; this is the preset's default
     with torch_threads(THREADS.get(args.base) if args.threads is None else None):
         pipe = load_pipeline(args.base, device=device, dtype=dtype, revision=args.revision)

@@ -30,10 +30,13 @@ def register(subparsers) -> None:
                     "and images, in OUT/images). Exit code 1 when a case "
                     "fails. Cases that need plugin weights on a real pipeline are reported as skipped with the option "
                     "they need.")
-    p.add_argument("--pipeline", default="tiny", help="'tiny' (offline test pipeline) or a FLUX pipeline id/dir")
-    p.add_argument("--adapter", default=None, help="CLEAR adapter (default: tiny -> a checkpoint written for the tiny "
-                                                   "pipeline; otherwise flux-dev)")
-    p.add_argument("--cases", default=None, help="comma-separated case names, plugin names or globs (default: all)")
+    p.add_argument("--pipeline", default="toy",
+                   help="'toy' (the trained miniature FLUX shipped in the package, with its trained plugins; default), "
+                        "'tiny' (random-weight mechanics bed: every plugin and variant case) or a FLUX pipeline id/dir")
+    p.add_argument("--adapter", default=None, help="CLEAR adapter (default: toy -> toy/r4; tiny -> a checkpoint "
+                                                   "written for the tiny pipeline; otherwise flux-dev)")
+    p.add_argument("--cases", default=None, help="comma-separated case names, plugin names or globs "
+                                                 "(default: toy/* on the toy, all the others elsewhere)")
     p.add_argument("--list", action="store_true", help="list the cases and exit")
     p.add_argument("--out", default="clear_matrix", help="output directory")
     p.add_argument("--window-size", type=argtypes.window, default=None)
@@ -43,7 +46,7 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=argtypes.non_negative_int, default=0)
     p.add_argument("--prompt", default=None)
     p.add_argument("--max-sequence-length", type=argtypes.positive_int, default=None,
-                   help="T5 tokens (tiny default 32)")
+                   help="T5 tokens (tiny and toy default 32)")
     p.add_argument("--min-psnr", type=argtypes.finite, default=None,
                    help="pass threshold, dB (written into the report)")
     p.add_argument("--min-ssim", type=argtypes.finite, default=None, help="pass threshold (written into the report)")
