@@ -51,17 +51,17 @@ def test_wheel_builds_without_metadata_warnings_and_ships_its_data(tmp_path):
     for needed in ("clear_adapters/templates/matrix.html.jinja", "clear_adapters/model_cards/adapter_card.md.jinja",
                    "clear_adapters/data/registry.toml", "clear_adapters/integrations/lora.py",
                    # the trained toy: a save_pretrained directory with tokenizers, its plugins, its CLEAR adapters
-                   "clear_adapters/toy/weights/pipeline/model_index.json",
-                   "clear_adapters/toy/weights/pipeline/tokenizer_2/tokenizer.json",
-                   "clear_adapters/toy/weights/pipeline/transformer/diffusion_pytorch_model.safetensors",
-                   "clear_adapters/toy/weights/variant/transformer/diffusion_pytorch_model.safetensors",
-                   "clear_adapters/toy/weights/lora/pytorch_lora_weights.safetensors",
-                   "clear_adapters/toy/weights/controlnet/diffusion_pytorch_model.safetensors",
-                   "clear_adapters/toy/weights/clear-r4/clear_adapter.safetensors",
-                   "clear_adapters/toy/weights/clear-r4/clear_config.json",
-                   "clear_adapters/toy/weights/clear-r2/clear_adapter.safetensors"):
+                   "clear_adapters/toy/toy-weights/pipeline/model_index.json",
+                   "clear_adapters/toy/toy-weights/pipeline/tokenizer_2/tokenizer.json",
+                   "clear_adapters/toy/toy-weights/pipeline/transformer/diffusion_pytorch_model.safetensors",
+                   "clear_adapters/toy/toy-weights/variant/transformer/diffusion_pytorch_model.safetensors",
+                   "clear_adapters/toy/toy-weights/lora/pytorch_lora_weights.safetensors",
+                   "clear_adapters/toy/toy-weights/controlnet/diffusion_pytorch_model.safetensors",
+                   "clear_adapters/toy/toy-weights/clear-r4/clear_adapter.safetensors",
+                   "clear_adapters/toy/toy-weights/clear-r4/clear_config.json",
+                   "clear_adapters/toy/toy-weights/clear-r2/clear_adapter.safetensors"):
         assert needed in names, needed
-    toy = [info for info in zipfile.ZipFile(wheel).infolist() if "/toy/weights/" in info.filename]
+    toy = [info for info in zipfile.ZipFile(wheel).infolist() if "/toy/toy-weights/" in info.filename]
     assert sum(info.file_size for info in toy) <= 25 * 2**20  # the budget for the toy in the wheel
     # extras name only what the code imports: cv2 for Canny edges, xfuser for integrations/xdit.py
     assert set(metadata.get_all("Provides-Extra")) == {"dev", "controlnet", "xdit"}

@@ -36,8 +36,8 @@ def register(sub) -> None:
     p.add_argument("--out", default="clear_demo.png", help="where to write the PNG")
     p.add_argument("--prompt", action="append", default=None, help="toy prompt (repeatable; default: four examples)")
     p.add_argument("--adapter", default="toy", help="toy: CLEAR adapter (default toy = toy/r4)")
-    p.add_argument("--sizes", type=argtypes.sizes, default="128,256",
-                   help="tiny only: square image sizes in pixels (4 px/token)")
+    p.add_argument("--sizes", type=argtypes.sizes, default=None,
+                   help="tiny only: square image sizes in pixels (4 px/token; default 128,256)")
     p.add_argument("--steps", type=argtypes.positive_int, default=None, help="default: toy 8, tiny 4")
     p.add_argument("--seed", type=argtypes.non_negative_int, default=0)
     p.set_defaults(func=cmd_demo)
@@ -164,10 +164,18 @@ def run_demo(out: str | Path, sizes=(128, 256), steps: int = 4, seed: int = 0, p
 
 
 def cmd_demo(args) -> int:
+    from ..errors import InvalidArgumentError
+
+    # options of the other bed are refused, not ignored
+    if args.pipeline == "toy" and args.sizes is not None:
+        raise InvalidArgumentError("--sizes is for --pipeline tiny; the toy was trained at 32 px (it runs at 32 px)")
+    if args.pipeline == "tiny" and (args.prompt or args.adapter != "toy"):
+        raise InvalidArgumentError("--prompt and --adapter are for the toy (the default --pipeline); the tiny "
+                                   "pipeline runs its bundled adapter on a fixed prompt")
     if args.pipeline == "tiny":
-        from ..errors import InvalidArgumentError
         from ..testing import TINY_PIXELS_PER_TOKEN
 
+        args.sizes = args.sizes or "128,256"
         sizes = tuple(int(s) for s in args.sizes.split(","))
         if any(size % TINY_PIXELS_PER_TOKEN for size in sizes):
             raise InvalidArgumentError(f"--sizes must be multiples of {TINY_PIXELS_PER_TOKEN} px (the tiny pipeline's "

@@ -1,6 +1,6 @@
 """Loading the shipped toy pipeline and its plugins (offline, from the package directory).
 
-The weights live in ``clear_adapters/toy/weights/`` (package data, fp16 safetensors):
+The weights live in ``clear_adapters/toy/toy-weights/`` (package data, fp16 safetensors):
 
 * ``pipeline/``: the ``FluxPipeline`` ``save_pretrained`` directory (``model_index.json``, tokenizers, text
   encoders, VAE, transformer, scheduler), loaded with ``FluxPipeline.from_pretrained(dir,
@@ -24,7 +24,8 @@ MAX_SEQUENCE_LENGTH = 32
 STEPS = 8
 PIXELS_PER_TOKEN = 2
 
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+# "toy-weights" is no Python identifier, so setuptools does not take its folders for packages (it warns then)
+WEIGHTS_DIR = Path(__file__).resolve().parent / "toy-weights"
 PLUGINS = ("pipeline", "variant", "lora", "controlnet", "clear-r4", "clear-r2")
 
 

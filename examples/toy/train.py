@@ -1,4 +1,4 @@
-"""Rebuild every weight of the toy FLUX (``clear_adapters/toy/weights``) from scratch, with fixed seeds.
+"""Rebuild every weight of the toy FLUX (``clear_adapters/toy/toy-weights``) from scratch, with fixed seeds.
 
     python examples/toy/train.py                       # every stage, into the package directory
     python examples/toy/train.py --stages transformer  # one stage again (it reads the earlier stages' output)

@@ -74,7 +74,7 @@ def test_bad_arguments_are_argparse_errors(capsys, name):
 
 
 @pytest.mark.parametrize("case", ["truncated", "badheader", "grid", "missing", "pickle", "repo-id", "window-file",
-                                  "demo-sizes", "bench-no-tokens"])
+                                  "demo-sizes", "demo-toy-sizes", "demo-tiny-prompt", "bench-no-tokens"])
 def test_library_errors_are_one_line_and_exit_2(capsys, files, tmp_path, case):
     generate = ["generate", "--model", "tiny", "--prompt", "x", "--steps", "1", "--out", str(tmp_path / "x.png")]
     argv = {
@@ -85,7 +85,10 @@ def test_library_errors_are_one_line_and_exit_2(capsys, files, tmp_path, case):
         "pickle": generate + ["--adapter", str(files / "weights.bin")],
         "repo-id": ["info", "owner/.."],
         "window-file": ["info", str(files / "badheader.safetensors")],
-        "demo-sizes": ["demo", "--sizes", "30", "--out", str(tmp_path / "x.png")],
+        "demo-sizes": ["demo", "--pipeline", "tiny", "--sizes", "30", "--out", str(tmp_path / "x.png")],
+        # the other bed's options are refused, not silently ignored
+        "demo-toy-sizes": ["demo", "--sizes", "128", "--out", str(tmp_path / "x.png")],
+        "demo-tiny-prompt": ["demo", "--pipeline", "tiny", "--prompt", "a red circle", "--out", str(tmp_path / "x.png")],
         "bench-no-tokens": ["bench", "attention", "--window", "2"],
     }[case]
     code, out, err = run(argv, capsys)
