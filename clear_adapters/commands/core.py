@@ -35,7 +35,7 @@ def register(sub) -> None:
     p.add_argument("--pipeline", default="toy", choices=["toy", "tiny"])
     p.add_argument("--out", default="clear_demo.png", help="where to write the PNG")
     p.add_argument("--prompt", action="append", default=None, help="toy prompt (repeatable; default: four examples)")
-    p.add_argument("--adapter", default="toy", help="toy: CLEAR adapter (default toy = toy/r4)")
+    p.add_argument("--adapter", default=None, help="toy only: CLEAR adapter (default toy = toy/r4)")
     p.add_argument("--sizes", type=argtypes.sizes, default=None,
                    help="tiny only: square image sizes in pixels (4 px/token; default 128,256)")
     p.add_argument("--steps", type=argtypes.positive_int, default=None, help="default: toy 8, tiny 4")
@@ -169,23 +169,24 @@ def cmd_demo(args) -> int:
     # options of the other bed are refused, not ignored
     if args.pipeline == "toy" and args.sizes is not None:
         raise InvalidArgumentError("--sizes is for --pipeline tiny; the toy was trained at 32 px (it runs at 32 px)")
-    if args.pipeline == "tiny" and (args.prompt or args.adapter != "toy"):
+    if args.pipeline == "tiny" and (args.prompt or args.adapter is not None):
         raise InvalidArgumentError("--prompt and --adapter are for the toy (the default --pipeline); the tiny "
                                    "pipeline runs its bundled adapter on a fixed prompt")
     if args.pipeline == "tiny":
         from ..testing import TINY_PIXELS_PER_TOKEN
 
-        args.sizes = args.sizes or "128,256"
-        sizes = tuple(int(s) for s in args.sizes.split(","))
+        text = args.sizes or "128,256"
+        sizes = tuple(int(s) for s in text.split(","))
         if any(size % TINY_PIXELS_PER_TOKEN for size in sizes):
             raise InvalidArgumentError(f"--sizes must be multiples of {TINY_PIXELS_PER_TOKEN} px (the tiny pipeline's "
-                                       f"pixels per token), got {args.sizes}")
+                                       f"pixels per token), got {text}")
         run_demo(args.out, sizes, args.steps or 4, args.seed)
         return 0
     from ..toy.demo import DEMO_PROMPTS, run_toy_demo
     from ..toy.pipeline import STEPS
 
-    run_toy_demo(args.out, args.prompt or DEMO_PROMPTS, adapter=args.adapter, steps=args.steps or STEPS, seed=args.seed)
+    run_toy_demo(args.out, args.prompt or DEMO_PROMPTS, adapter=args.adapter or "toy", steps=args.steps or STEPS,
+                 seed=args.seed)
     return 0
 
 
